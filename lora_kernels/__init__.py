@@ -1,0 +1,34 @@
+"""lora_kernels: fused LoRA kernels (Triton and CUDA C++) for PyTorch, with a pure-PyTorch reference.
+
+Public API:
+    lora_linear, LoRALinearFunction, LoRALinear, inject_lora, mark_only_lora_as_trainable, lora_state_dict,
+    add_lora, merge_, unmerge_, resolve_backend, load_extension.
+"""
+
+from ._backend import BackendUnavailableError, backend_report, resolve_backend
+from ._checks import LoRAInputError
+from ._ext import load as load_extension
+from .functional import LoRALinearFunction, add_lora, lora_linear, merge_, unmerge_
+from .modules import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .reference import lora_scale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lora_linear",
+    "LoRALinearFunction",
+    "LoRALinear",
+    "inject_lora",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "add_lora",
+    "merge_",
+    "unmerge_",
+    "lora_scale",
+    "resolve_backend",
+    "backend_report",
+    "load_extension",
+    "BackendUnavailableError",
+    "LoRAInputError",
+    "__version__",
+]

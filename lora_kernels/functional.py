@@ -1,0 +1,190 @@
+"""Functional API and the thin autograd.Function over the registered ops.
+
+Validation (``_checks``) and backend choice (``_backend.resolve_backend``) happen here, before any
+kernel runs; kernels are reached only through ``torch.ops.lora_kernels.*``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import _checks
+from ._backend import resolve_backend
+from .ops import _library  # noqa: F401  (registers torch.ops.lora_kernels)
+
+_ops = torch.ops.lora_kernels
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _draw_seed() -> int:
+    """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x·W0ᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`` with a fused backward.
+
+    Saves only x (when dA or dW0 is needed; it is the caller's tensor anyway) and the r-wide fp32
+    ``xa``; the dropout mask is regenerated from the seed, never stored. With a frozen A (LoRA-FA) and
+    frozen W0, x is not saved at all.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
+        K = x.shape[-1]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        y2, xa = _ops.lora_linear_fwd(x2, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend)
+        need_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ctx.save_for_backward(x2 if need_x else None, xa, weight, lora_a, lora_b)
+        ctx.cfg = (scale, dropout_p, seed, backend, lead, K)
+        return y2.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        scale, dropout_p, seed, backend, lead, K = ctx.cfg
+        need = ctx.needs_input_grad
+        mask = [need[0], need[2], need[3], need[1]]
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx = da = db = dw = dbias = None
+        if any(mask):
+            dx, da, db, dw = _ops.lora_linear_bwd(dy2, x2, xa, weight, lora_a, lora_b, scale, dropout_p, seed, mask, backend)
+            dx = dx.reshape(*lead, K) if need[0] else None
+            da = da if need[2] else None
+            db = db if need[3] else None
+            dw = dw if need[1] else None
+        if need[4]:
+            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if dy2.dtype != torch.float64 else dy2.sum(0)
+        return dx, dw, da, db, dbias, None, None, None, None
+
+
+def _autocast_inputs(tensors):
+    dev = next(t.device.type for t in tensors if t is not None)
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [t.to(dt) if (t is not None and t.is_floating_point()) else t for t in tensors], dev
+    return list(tensors), None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """LoRA linear layer: ``y = x·W0ᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: [..., K] input (any leading dims, any strides).
+        weight: frozen base weight W0, [N, K] (nn.Linear layout), same dtype as x.
+        lora_a: A, [r, K]. lora_b: B, [N, r]. Cast to x's dtype if they differ (differentiably).
+        scale: alpha / r (or alpha / sqrt(r) for rsLoRA); must be finite.
+        bias: optional [N].
+        dropout_p: dropout on the LoRA branch input, in [0, 1). The mask is a hash of
+            (seed, row, column) (see ``reference.dropout_keep_mask``): the same seed gives the same mask.
+        seed: dropout seed; drawn from torch's CPU generator when None and dropout_p > 0.
+        backend: "cuda" | "triton" | "torch" | None (auto; see ``resolve_backend``).
+
+    Returns y, [..., N]. Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
+    Gradients flow to x, lora_a, lora_b, bias, and to weight only if it requires grad.
+    """
+    (x, weight, lora_a, lora_b, bias), ac = _autocast_inputs((x, weight, lora_a, lora_b, bias))
+    scale = _checks.check_lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p)
+    if lora_a.dtype != x.dtype:
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        seed = _draw_seed()
+    seed = int(seed or 0) & 0x7FFFFFFFFFFFFFFF
+    be = resolve_backend("lora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
+    if ac is not None:
+        with torch.autocast(ac, enabled=False):
+            return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, be)
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, be)
+
+
+def _as_list(t: TensorOrList) -> List[torch.Tensor]:
+    return [t] if isinstance(t, torch.Tensor) else list(t)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: TensorOrList,
+    lora_b: TensorOrList,
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+    slices: Optional[Sequence[int]] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Batched multi-adapter LoRA, in place on y; returns y.
+
+    ``y[t, slice s] += scales[i]·(x[t]·A_s[i][:rank_i]ᵀ)·B_s[i][:, :rank_i]ᵀ`` for ``i = adapter_ids[t]``;
+    rows whose id is -1 are untouched.
+
+    Args:
+        y: [M, N_total] output, updated in place (same dtype as x).
+        x: [M, K] tokens.
+        lora_a: stacked A, [L, r_max, K], or a list with one per output slice (q/k/v packing).
+        lora_b: stacked B, [L, N_s, r_max], or a list with one per slice; slices fill y's columns in order.
+        adapter_ids: [M] int32/int64 in [-1, L).
+        scales: [L] per-adapter scale (finite).
+        ranks: [L] per-adapter rank in [0, r_max] (None: all r_max); columns past the rank are ignored.
+        slices: optional widths [N_0, N_1, ...] to assert against lora_b's shapes.
+        backend: "cuda" | "triton" | "torch" | None (auto).
+    """
+    lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
+    _checks.check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices)
+    be = resolve_backend("add_lora", y, x, *lora_a, *lora_b, backend=backend)
+    _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
+    return y
+
+
+def _merge(weight, lora_a, lora_b, scale, sign: float, backend):
+    lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(lora_a)
+    scales = _checks.check_merge(weight, lora_a, lora_b, scales)
+    be = resolve_backend("merge", weight, *lora_a, *lora_b, backend=backend)
+    with torch.no_grad():
+        _ops.merge_(weight, [a.detach() for a in lora_a], [b.detach() for b in lora_b], [sign * s for s in scales], be)
+    return weight
+
+
+def merge_(
+    weight: torch.Tensor,
+    lora_a: TensorOrList,
+    lora_b: TensorOrList,
+    scale: Union[float, Sequence[float]],
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """In place: ``W ← round(W + Σᵢ sᵢ·Bᵢ·Aᵢ)``, the update accumulated in fp32 and rounded once.
+
+    weight [N, K]; lora_a [r, K] or a list of [rᵢ, K]; lora_b [N, r] or a list of [N, rᵢ]; scale a float
+    (shared) or one per adapter. Every input is checked before W is touched; returns weight.
+    """
+    return _merge(weight, lora_a, lora_b, scale, 1.0, backend)
+
+
+def unmerge_(
+    weight: torch.Tensor,
+    lora_a: TensorOrList,
+    lora_b: TensorOrList,
+    scale: Union[float, Sequence[float]],
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """In place: ``W ← round(W − Σᵢ sᵢ·Bᵢ·Aᵢ)``; the inverse of :func:`merge_` up to rounding."""
+    return _merge(weight, lora_a, lora_b, scale, -1.0, backend)

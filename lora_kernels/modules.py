@@ -1,0 +1,201 @@
+"""nn.Module API: ``LoRALinear`` and loralib-style model helpers.
+
+Modules call only the functional API (``lora_linear``, ``merge_``, ``unmerge_``); they know nothing of
+kernels or backends beyond passing a ``backend`` string through.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .functional import lora_linear, merge_, unmerge_
+from .reference import lora_scale
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update: ``y = base(x) + s·(drop(x)·Aᵀ)·Bᵀ``.
+
+    Wraps ``base`` without copying: ``self.weight`` / ``self.bias`` are base's own Parameters (so a
+    state dict keeps the base keys ``weight`` / ``bias`` and adds ``lora_A`` [r, K] and ``lora_B`` [N, r]).
+    A is Kaiming-uniform initialised and B zero (the LoRA paper), so a fresh layer equals the base.
+    The base weight is frozen (``requires_grad=False``).
+
+    Args:
+        base: the nn.Linear to adapt.
+        r: rank (>= 1). alpha: scaling numerator; ``scale = alpha / r`` (``alpha / sqrt(r)`` with use_rslora).
+        dropout: dropout probability on the LoRA branch input (seeded in-kernel, no mask stored).
+        backend: forwarded to every op ("cuda" | "triton" | "torch" | None for auto).
+        merge_on_eval: loralib behaviour: ``eval()`` merges BA into W, ``train()`` unmerges.
+        lora_dtype: dtype of A and B (default: the base weight's dtype).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        backend: Optional[str] = None,
+        merge_on_eval: bool = False,
+        lora_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRALinear: rank r must be a positive int, got {r!r}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        if not math.isfinite(float(alpha)):
+            raise ValueError(f"LoRALinear: alpha must be finite, got {alpha}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scale = lora_scale(alpha, r, use_rslora)
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.merge_on_eval = merge_on_eval
+        dt = lora_dtype or base.weight.dtype
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dt, device=dev))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dt, device=dev))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A ~ Kaiming-uniform(a=√5) (as nn.Linear / PEFT / loralib), B = 0."""
+        if self.merged:
+            raise RuntimeError("LoRALinear: unmerge() before re-initialising the adapter")
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return lora_linear(
+            x,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            self.scale,
+            self.bias,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scale·B·A`` into the base weight in place (fp32 accumulate, one rounding)."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge(): the adapter is already merged; unmerge() first")
+        merge_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``scale·B·A`` from the base weight in place."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
+        unmerge_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_on_eval:
+            if mode and self.merged:
+                self.unmerge()
+            elif not mode and not self.merged:
+                self.merge()
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}, merged={self.merged}"
+        )
+
+
+def _matches(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: Union[str, Iterable[str]],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    backend: Optional[str] = None,
+    merge_on_eval: bool = False,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` whose qualified name matches with a :class:`LoRALinear`, in place.
+
+    ``target_modules`` is a list of names or name suffixes (``["q_proj", "v_proj"]``, PEFT-style) or a
+    regex string matched against the full qualified name. Raises if nothing matched. Returns model.
+    """
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    hits = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear) and _matches(name, target_modules)
+    ]
+    if not hits:
+        raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r}")
+    for name, mod in hits:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval))
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
+    """Freeze every parameter except LoRA's (loralib parity).
+
+    ``bias``: "none" (freeze all biases), "all" (train all biases), "lora_only" (train biases of
+    LoRA layers only).
+    """
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"mark_only_lora_as_trainable: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for m in model.modules():
+            if isinstance(m, LoRALinear) and m.bias is not None:
+                m.bias.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:
+    """The LoRA parameters of ``model`` (plus biases per ``bias``, as in loralib)."""
+    sd = model.state_dict()
+    if bias == "none":
+        return {k: v for k, v in sd.items() if "lora_" in k}
+    if bias == "all":
+        return {k: v for k, v in sd.items() if "lora_" in k or k.endswith("bias")}
+    if bias == "lora_only":
+        out = {}
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                pre = f"{name}." if name else ""
+                out[pre + "lora_A"] = m.lora_A.detach()
+                out[pre + "lora_B"] = m.lora_B.detach()
+                if m.bias is not None:
+                    out[pre + "bias"] = m.bias.detach()
+        return out
+    raise ValueError(f"lora_state_dict: bias must be 'none', 'all' or 'lora_only', got {bias!r}")

@@ -1,0 +1,279 @@
+"""Pure-PyTorch reference implementations of every lora_kernels op.
+
+This module is the *specification*: the CPU fallback (``backend="torch"``) and the oracle every
+Triton / CUDA kernel is tested against. It imports nothing but torch, runs on any device and dtype,
+and each docstring states the op's semantics as executable pseudo-code with shapes.
+
+Notation: x is [M, K] (tokens × in-features), W0 ("weight") is [N, K] (nn.Linear layout), A
+("lora_a") is [r, K], B ("lora_b") is [N, r], s ("scale") = alpha / r (or alpha / sqrt(r) for rsLoRA).
+``shrink`` is x·Aᵀ (K → r), ``expand`` is += s·xa·Bᵀ (r → N).
+
+Numerics: the low-rank intermediate ``xa`` is always fp32; every product is accumulated in fp32
+(or in the input dtype when that is float64) and rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "dropout_keep_mask",
+    "lora_dropout",
+    "lora_linear_ref",
+    "lora_linear_fwd_ref",
+    "lora_linear_bwd_ref",
+    "add_lora_ref",
+    "merge_ref",
+    "compute_dtype",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Seeded dropout: a counter-based hash, identical in torch, Triton and CUDA, so no mask is stored.
+# ----------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+# Dropout keeps an element when the top 24 bits of its hash are >= threshold = round(p * 2^24).
+DROPOUT_HASH_BITS = 24
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer finaliser on uint32 values held in int64 (wrap-around emulated by masking)."""
+    h = h & _M32
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _M32
+    h = h ^ (h >> 16)
+    return h
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold on the 24-bit hash: an element is kept iff ``hash24 >= threshold``."""
+    return int(round(p * (1 << DROPOUT_HASH_BITS)))
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Keep-mask of seeded LoRA dropout, bool [rows, cols].
+
+    ``keep[m, k] = (mix32(k + mix32(m + mix32(seed))) >> 8) >= round(p · 2^24)`` with uint32
+    wrap-around arithmetic, where m is the row of x flattened to [M, K] and k the column.
+    The same (seed, m, k) always gives the same bit on every backend and device, so the forward and
+    backward passes regenerate the mask instead of storing it. Kept fraction is 1 − p (to 2^-24).
+    """
+    seed_h = _mix32(torch.tensor(int(seed) & _M32, dtype=torch.int64, device=device))
+    m = torch.arange(rows, dtype=torch.int64, device=device)
+    k = torch.arange(cols, dtype=torch.int64, device=device)
+    row_h = _mix32(m + seed_h)  # [rows]
+    h = _mix32(row_h[:, None] + k[None, :])
+    return (h >> (32 - DROPOUT_HASH_BITS)) >= dropout_threshold(p)
+
+
+def lora_dropout(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``drop(x) = x · keep / (1 − p)`` for x of shape [M, K]; identity when p == 0."""
+    if p == 0.0:
+        return x2d
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
+    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA linear
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_linear_fwd_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the LoRA linear layer on 2-D input.
+
+    Shapes: x [M, K], weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] or None.
+    ::
+
+        xa = drop(x) @ lora_a.T                      # [M, r], fp32 (saved for backward)
+        y  = x @ weight.T + bias + scale * xa @ lora_b.T   # [M, N], accumulated in fp32, x.dtype
+
+    Returns ``(y, xa)``.
+    """
+    acc = compute_dtype(x.dtype)
+    xd = lora_dropout(x, dropout_p, seed)
+    xa = xd.to(acc) @ lora_a.to(acc).t()
+    y = x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    y = y + scale * (xa @ lora_b.to(acc).t())
+    return y.to(x.dtype), xa.to(acc)
+
+
+def lora_linear_bwd_ref(
+    dy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    output_mask: Sequence[bool] = (True, True, True, False),
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Backward of :func:`lora_linear_fwd_ref` on 2-D tensors.
+
+    ``output_mask`` = which of (dx, dA, dB, dW0) to compute; the others are returned as None.
+    x is needed only for dA and dW0 (LoRA-FA, a frozen A, saves only xa).
+    ::
+
+        dxa = scale * dy @ lora_b                    # [M, r], fp32
+        dB  = scale * dy.T @ xa                      # [N, r]
+        dA  = dxa.T @ drop(x)                        # [r, K]
+        dx  = dy @ weight + drop'(dxa @ lora_a)      # [M, K]; drop'(g) = g · keep / (1 − p)
+        dW0 = dy.T @ x                               # [N, K], only when asked
+
+    Every product accumulates in fp32 and is rounded once to the parameter's dtype.
+    """
+    need_dx, need_da, need_db, need_dw = (bool(v) for v in output_mask)
+    acc = compute_dtype(dy.dtype)
+    dy_c = dy.to(acc)
+    dxa = scale * (dy_c @ lora_b.to(acc))
+    dx = da = db = dw = None
+    if need_db:
+        db = (scale * (dy_c.t() @ xa.to(acc))).to(lora_b.dtype)
+    if need_da:
+        if x is None:
+            raise ValueError("lora_linear backward: dA was requested but x was not saved")
+        da = (dxa.t() @ lora_dropout(x, dropout_p, seed).to(acc)).to(lora_a.dtype)
+    if need_dx:
+        g = dxa @ lora_a.to(acc)
+        if dropout_p != 0.0:
+            keep = dropout_keep_mask(seed, g.shape[0], g.shape[1], dropout_p, device=g.device)
+            g = g * keep.to(acc) * (1.0 / (1.0 - dropout_p))
+        dx = (dy_c @ weight.to(acc) + g).to(dy.dtype)
+    if need_dw:
+        if x is None:
+            raise ValueError("lora_linear backward: dW0 was requested but x was not saved")
+        dw = (dy_c.t() @ x.to(acc)).to(weight.dtype)
+    return dx, da, db, dw
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``y = x·W0ᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`` for x of shape [..., K]; y is [..., N].
+
+    Differentiable by plain autograd (used as the gradient oracle)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    xd = lora_dropout(x2, dropout_p, seed)
+    y = x2 @ weight.t()
+    if bias is not None:
+        y = y + bias
+    y = y + scale * ((xd @ lora_a.t()) @ lora_b.t())
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched multi-adapter LoRA (Punica BGMV/SGMV semantics)
+# ----------------------------------------------------------------------------------------------
+
+
+def add_lora_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """In-place multi-adapter LoRA over packed output slices.
+
+    Shapes: x [M, K]; y [M, N_total]; for each slice s: lora_a[s] [L, r_max, K],
+    lora_b[s] [L, N_s, r_max], with Σ N_s == N_total and slice s occupying columns
+    [off_s, off_s + N_s) of y in order; adapter_ids [M] integer in [-1, L); scales [L];
+    ranks [L] integer in [0, r_max] (None = r_max for all).
+    ::
+
+        for t in range(M):
+            i = adapter_ids[t]
+            if i < 0: continue                        # token without adapter: y[t] untouched
+            r = ranks[i]
+            for s in slices:
+                xa = x[t] @ lora_a[s][i, :r].T       # [r], fp32
+                y[t, off_s:off_s+N_s] += scales[i] * xa @ lora_b[s][i, :, :r].T
+
+    The update is accumulated in fp32 together with y's old value and rounded once. Returns y.
+    """
+    M = x.shape[0]
+    if M == 0:
+        return y
+    acc = compute_dtype(y.dtype)
+    ids = adapter_ids.to(torch.int64)
+    active = ids >= 0
+    safe = ids.clamp(min=0)
+    r_max = lora_a[0].shape[1]
+    if ranks is not None:
+        rank_mask = (torch.arange(r_max, device=x.device)[None, :] < ranks.to(x.device)[safe][:, None]).to(acc)
+    else:
+        rank_mask = torch.ones(M, r_max, dtype=acc, device=x.device)
+    s_tok = (scales.to(acc)[safe] * active.to(acc))[:, None]  # [M, 1]
+    xc = x.to(acc)
+    off = 0
+    for a, b in zip(lora_a, lora_b):
+        n_s = b.shape[1]
+        xa = torch.bmm(a[safe].to(acc), xc[:, :, None])[:, :, 0] * rank_mask  # [M, r_max]
+        upd = torch.bmm(b[safe].to(acc), xa[:, :, None])[:, :, 0] * s_tok  # [M, N_s]
+        cols = y[:, off : off + n_s]
+        new = torch.where(active[:, None], cols.to(acc) + upd, cols.to(acc))
+        cols.copy_(new.to(y.dtype))
+        off += n_s
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge / unmerge
+# ----------------------------------------------------------------------------------------------
+
+
+def merge_ref(
+    weight: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """In-place weighted merge ``W ← round(W + Σᵢ sᵢ·Bᵢ·Aᵢ)``, accumulated in fp32, rounded once.
+
+    Shapes: weight [N, K]; lora_a[i] [rᵢ, K]; lora_b[i] [N, rᵢ]. Unmerge is the same op with
+    negated scales. Returns weight.
+    """
+    acc = compute_dtype(weight.dtype)
+    delta = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    for a, b, s in zip(lora_a, lora_b, scales):
+        delta += float(s) * (b.to(acc) @ a.to(acc))
+    weight.copy_((weight.to(acc) + delta).to(weight.dtype))
+    return weight
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else float(r))
