@@ -58,33 +58,28 @@ _LAUNCHERS = {
 }
 # Public op name (as passed to resolve_backend) -> the launcher entries it needs.
 _OP_PARTS = {"lora_linear": ("lora_linear_fwd", "lora_linear_bwd")}
-_available_cache = {}
+
+
+def _launcher_defined(target: str) -> bool:
+    mod, fn = target.split(":")
+    try:
+        spec = importlib.util.find_spec(mod)
+    except ModuleNotFoundError:
+        return False
+    if spec is None or spec.origin is None:
+        return False
+    with open(spec.origin) as f:
+        return f"def {fn}(" in f.read()
+
+
+# Computed once at import (without importing Triton or the extension), so that resolve_backend stays a
+# pure table lookup that Dynamo can trace.
+_AVAILABLE = {key: _launcher_defined(target) for key, target in _LAUNCHERS.items()}
 
 
 def has_launcher(op: str, backend: str) -> bool:
     """Whether ``backend`` implements public op ``op`` (its launcher module exists and defines it)."""
-    key = (op, backend)
-    if key not in _available_cache:
-        ok = True
-        for part in _OP_PARTS.get(op, (op,)):
-            target = _LAUNCHERS.get((part, backend))
-            if target is None:
-                ok = False
-                break
-            mod, fn = target.split(":")
-            try:
-                spec = importlib.util.find_spec(mod)
-            except ModuleNotFoundError:
-                spec = None
-            if spec is None or spec.origin is None:
-                ok = False
-                break
-            with open(spec.origin) as f:
-                if f"def {fn}(" not in f.read():
-                    ok = False
-                    break
-        _available_cache[key] = ok
-    return _available_cache[key]
+    return all(_AVAILABLE.get((part, backend), False) for part in _OP_PARTS.get(op, (op,)))
 
 
 def _launcher(op: str, backend: str):
