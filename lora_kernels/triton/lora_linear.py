@@ -1,0 +1,615 @@
+"""Triton kernels for the fused LoRA linear layer (forward and backward).
+
+Semantics are exactly :func:`lora_kernels.reference.lora_linear_fwd_ref` /
+:func:`lora_kernels.reference.lora_linear_bwd_ref` (x [M, K], W0 [N, K], A [r, K], B [N, r], s = scale)::
+
+    forward:   xa = drop(x)·Aᵀ                      (fp32 [M, r], saved for backward)
+               y  = x·W0ᵀ + bias + s·xa·Bᵀ          (fp32 accumulation, one rounding to x.dtype)
+    backward:  dxa = s·dy·B   and   dB = s·dyᵀ·xa    (one kernel, one read of dy)
+               dA  = dxaᵀ·drop(x)
+               dx  = dy·W0 + drop'(dxa·A)           (the r-wide term fused into the dx GEMM epilogue)
+               dW0 = dyᵀ·x                          (torch.matmul, only when requested)
+
+Kernels (launch order):
+  forward  ``_lora_shrink_kernel`` -> ``_lora_gemm_kernel``
+  backward ``_lora_dy_kernel`` -> ``_lora_gemm_kernel`` (dx) -> ``_lora_da_kernel``
+
+Dropout: the keep-mask is never stored. Every kernel that needs it regenerates it from
+``(seed, row of the 2-D x, column)`` with the counter hash of ``reference.dropout_keep_mask`` in uint32
+wrap-around arithmetic, so forward, backward and the reference agree bit for bit.
+
+Numerics:
+  * Every product accumulates in fp32.
+  * fp32 inputs use TF32 tensor cores by default. Set ``LORA_KERNELS_FP32_PRECISION=ieee`` for exact
+    fp32 products (``tl.dot(..., input_precision="ieee")``; slower). The variable is read on every call.
+  * The r-wide fp32 intermediates (xa, dxa) meet the 16-bit weights on tensor cores. For bf16 inputs
+    they are rounded to bf16 first (bf16 has fp32's range; the rounding, 2^-9 relative, is of the same
+    order as the final bf16 rounding of y/dx). For fp16 and fp32 inputs they stay fp32 (TF32 / IEEE
+    products), so nothing can overflow fp16's range.
+  * dA and dB are accumulated with fp32 atomics across the program blocks that split the reduction
+    (M for dA and dB, N for dxa); their last bits can depend on the order of those additions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference as _ref
+
+__all__ = ["lora_linear_fwd_triton", "lora_linear_bwd_triton"]
+
+ENV_FP32_PRECISION = "LORA_KERNELS_FP32_PRECISION"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Widest rank chunk held in one tile. Small under the interpreter so that the tests' ranks 64/128 exercise
+# the multi-chunk paths that large ranks (> 128) take on a GPU.
+_MAX_BLOCK_R = 32 if _INTERPRET else 128
+_M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configurations: one list per kernel, Hopper (H100) and Ampere (A100) shapes together.
+# Under TRITON_INTERPRET a single small config (autotuning in the interpreter is very slow).
+# ----------------------------------------------------------------------------------------------
+
+
+def _gemm_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    specs = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+        (128, 256, 64, 8, 8, 3),  # Hopper: large tiles, deep enough pipeline for wgmma
+        (256, 128, 64, 8, 8, 3),  # Hopper
+        (128, 128, 64, 8, 8, 4),  # Hopper / Ampere
+        (128, 128, 64, 8, 4, 4),
+        (128, 128, 32, 8, 4, 4),  # Ampere
+        (128, 64, 32, 8, 4, 4),  # Ampere
+        (64, 128, 32, 8, 4, 4),  # Ampere, mid M
+        (64, 128, 64, 8, 4, 4),  # small M (decode / short prefill)
+        (32, 64, 64, 8, 4, 5),  # small M
+        (16, 128, 128, 8, 4, 4),  # M <= 16
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for bm, bn, bk, g, w, s in specs
+    ]
+
+
+def _shrink_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    specs = [
+        # (BLOCK_M, BLOCK_K, num_warps, num_stages); memory-bound: enough rows in flight, wide K steps
+        (128, 128, 8, 3),
+        (64, 128, 4, 4),
+        (64, 64, 4, 4),
+        (32, 128, 4, 4),
+        (16, 256, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in specs]
+
+
+def _dy_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    specs = [
+        # (BLOCK_M, BLOCK_N, num_warps, num_stages); large BLOCK_M = fewer dB atomics per element
+        (256, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 64, 4, 4),
+        (64, 128, 4, 4),
+        (32, 128, 4, 4),
+        (16, 256, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
+
+
+def _da_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    specs = [
+        # (BLOCK_M, BLOCK_K, num_warps, num_stages)
+        (128, 128, 8, 3),
+        (64, 128, 4, 4),
+        (128, 64, 4, 4),
+        (64, 64, 4, 4),
+        (32, 128, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in specs]
+
+
+def _prune_by_m(configs, named_args, **kwargs):
+    """Drop row tiles far wider than M (decode-sized M would waste most of each tile)."""
+    cap = max(32, int(named_args["m_bucket"]) * 2)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeded dropout hash (must match reference.dropout_keep_mask bit for bit)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mix32(h):
+    # lowbias32 finaliser; h is uint32, so the multiplications wrap modulo 2^32 like the reference's masks.
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _keep_mask(seed_hash, offs_m, offs_k, threshold):
+    """keep[m, k] = (mix32(k + mix32(m + mix32(seed))) >> 8) >= threshold, for a [len(m), len(k)] tile.
+
+    seed_hash is mix32(seed) reinterpreted as int32 (host side), offs_* are row / column indices."""
+    seed_u = seed_hash.to(tl.uint32, bitcast=True)
+    row_h = _mix32(offs_m.to(tl.uint32) + seed_u)
+    h = _mix32(row_h[:, None] + offs_k.to(tl.uint32)[None, :])
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_shrink_configs(), key=["m_bucket", "K", "BLOCK_R", "DROPOUT"], prune_configs_by={"early_config_prune": _prune_by_m})
+@triton.jit(do_not_specialize=["seed_hash", "threshold"])
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, xa_ptr,
+    M, K, R,
+    stride_xm, stride_xk,
+    stride_ar, stride_ak,
+    stride_xam, stride_xar,
+    seed_hash, threshold, keep_scale, m_bucket,
+    DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # xa[m, j] = keep_scale · Σ_k keep[m, k]·x[m, k]·A[j, k]   (fp32 out).
+    # Reads x [M, K] and A [r, K]; writes xa [M, r]. Grid: (row blocks, rank chunks).
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = _keep_mask(seed_hash, offs_m, kk, threshold)
+            xt = tl.where(keep, xt, tl.zeros_like(xt))
+        at = tl.load(a_cols + kk[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt, at, acc, input_precision=INPUT_PRECISION)
+    if DROPOUT:
+        acc = acc * keep_scale  # 1/(1-p) applied once, on the fp32 sum
+    out = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    tl.store(out, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["m_bucket", "N", "K", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_by_m},
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit(do_not_specialize=["seed_hash", "threshold"])
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, l_ptr, rt_ptr, bias_ptr,
+    M, N, K, R,
+    stride_am, stride_ak,
+    stride_bk, stride_bn,
+    stride_cm, stride_cn,
+    stride_lm, stride_lr,
+    stride_rtr, stride_rtn,
+    l_scale, seed_hash, threshold, keep_scale, m_bucket,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EPI_LOW: tl.constexpr,
+    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # C[m, n] = Σ_k Aop[m, k]·Bop[k, n] + bias[n] + drop'_{m,n}(l_scale · Σ_j L[m, j]·Rt[j, n]), one store.
+    # Forward: Aop = x, Bop = W0ᵀ, L = xa, Rt = Bᵀ (no mask). Backward dx: Aop = dy, Bop = W0, L = dxa,
+    # Rt = A, mask regenerated at (m, n). Reads Aop, Bop, L [M, r] fp32, Rt [r, N], bias; writes C.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row tiles sweep the column tiles together so Bop tiles stay in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap onto valid ones (their results are never stored): unmasked loads.
+    offs_am = (offs_m % M).to(tl.int64)
+    offs_bn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            at = tl.load(a_ptrs)
+            bt = tl.load(b_ptrs)
+        else:
+            k_left = K - k0
+            at = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            bt = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(at, bt, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue: the r-wide LoRA product on tensor cores, rank padded to BLOCK_R (chunks when r > BLOCK_R).
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    l_rows = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm
+    rt_cols = rt_ptr + offs_n.to(tl.int64)[None, :] * stride_rtn
+    offs_r = tl.arange(0, BLOCK_R)
+    if DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        r_ok = rr < R
+        lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0) * l_scale
+        rt = tl.load(rt_cols + rr[:, None] * stride_rtr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if EPI_LOW:
+            lt = lt.to(rt.dtype)
+        else:
+            rt = rt.to(tl.float32)
+        if DROPOUT:
+            lora = tl.dot(lt, rt, lora, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
+    if DROPOUT:
+        keep = _keep_mask(seed_hash, offs_m, offs_n, threshold)
+        acc += tl.where(keep, lora * keep_scale, 0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(
+    configs=_dy_configs(),
+    key=["m_bucket", "N", "R", "BLOCK_R", "COMPUTE_DXA", "COMPUTE_DB"],
+    reset_to_zero=["dxa_ptr", "db_ptr"],
+    prune_configs_by={"early_config_prune": _prune_by_m},
+)
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, xa_ptr, dxa_ptr, db_ptr,
+    M, N, R,
+    stride_dym, stride_dyn,
+    stride_bn, stride_br,
+    stride_xam, stride_xar,
+    scale, m_bucket,
+    COMPUTE_DXA: tl.constexpr, COMPUTE_DB: tl.constexpr, EPI_LOW: tl.constexpr,
+    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One pass over dy: dxa[m, j] += s·Σ_n dy[m, n]·B[n, j] and dB[n, j] += s·Σ_m dy[m, n]·xa[m, j].
+    # Reads dy [M, N] once, B [N, r], xa [M, r] fp32; accumulates into zeroed fp32 dxa [M, r] and dB [N, r]
+    # with atomics. Grid: (row blocks, splits of the column blocks, rank chunks).
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, tl.num_programs(1))
+    nb_start = pid_s * per_split
+    nb_end = min(nb_start + per_split, n_blocks)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    if COMPUTE_DB:
+        xa_t = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                       mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if EPI_LOW:
+            xa_t = xa_t.to(dy_ptr.dtype.element_ty)
+    if COMPUTE_DXA:
+        dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for nb in range(nb_start, nb_end):
+        offs_n = nb * BLOCK_N + offs_n0
+        n_ok = offs_n < N
+        dyt = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if COMPUTE_DXA:
+            bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            dxa = tl.dot(dyt, bt.to(dyt.dtype), dxa, input_precision=INPUT_PRECISION)
+        if COMPUTE_DB:
+            if EPI_LOW:
+                part = tl.dot(tl.trans(dyt), xa_t, input_precision=INPUT_PRECISION)
+            else:
+                part = tl.dot(tl.trans(dyt.to(tl.float32)), xa_t, input_precision=INPUT_PRECISION)
+            db_ptrs = db_ptr + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :]
+            tl.atomic_add(db_ptrs, part * scale, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+    if COMPUTE_DXA:
+        dxa_ptrs = dxa_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.atomic_add(dxa_ptrs, dxa * scale, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+
+
+@triton.autotune(
+    configs=_da_configs(),
+    key=["m_bucket", "K", "R", "BLOCK_R", "DROPOUT"],
+    reset_to_zero=["da_ptr"],
+    prune_configs_by={"early_config_prune": _prune_by_m},
+)
+@triton.jit(do_not_specialize=["seed_hash", "threshold"])
+def _lora_da_kernel(
+    dxa_ptr, x_ptr, da_ptr,
+    M, K, R,
+    stride_xm, stride_xk,
+    seed_hash, threshold, keep_scale, m_bucket,
+    DROPOUT: tl.constexpr, EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dA[j, k] += keep_scale · Σ_m dxa[m, j]·keep[m, k]·x[m, k]  over this program's row blocks.
+    # Reads dxa [M, r] fp32 (contiguous) and x [M, K]; accumulates into zeroed fp32 dA [r, K] with atomics.
+    # Grid: (column blocks of K, splits of the row blocks, rank chunks).
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(m_blocks, tl.num_programs(1))
+    mb_start = pid_s * per_split
+    mb_end = min(mb_start + per_split, m_blocks)
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for mb in range(mb_start, mb_end):
+        offs_m = mb * BLOCK_M + offs_m0
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        # dxaᵀ tile [BLOCK_R, BLOCK_M], loaded transposed (dxa is our contiguous [M, R] buffer)
+        gt = tl.load(dxa_ptr + rows[None, :] * R + offs_r[:, None], mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = _keep_mask(seed_hash, offs_m, offs_k, threshold)
+            xt = tl.where(keep, xt, tl.zeros_like(xt))
+        if EPI_LOW:
+            acc = tl.dot(gt.to(xt.dtype), xt, acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(gt, xt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    if DROPOUT:
+        acc = acc * keep_scale
+    da_ptrs = da_ptr + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _input_precision() -> str:
+    v = os.environ.get(ENV_FP32_PRECISION, "tf32").strip().lower()
+    if v not in ("tf32", "ieee"):
+        raise ValueError(f"${ENV_FP32_PRECISION} must be 'tf32' or 'ieee', got {v!r}")
+    return v
+
+
+def _mix32_host(h: int) -> int:
+    h &= _M32
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & _M32
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & _M32
+    h ^= h >> 16
+    return h
+
+
+def _dropout_args(dropout_p: float, seed: int):
+    """(DROPOUT, seed_hash as int32, threshold, keep_scale) for the kernels."""
+    p = float(dropout_p)
+    if p == 0.0:
+        return False, 0, 0, 1.0
+    h = _mix32_host(int(seed) & _M32)
+    if h >= 1 << 31:
+        h -= 1 << 32  # the kernel bitcasts it back to uint32
+    return True, h, _ref.dropout_threshold(p), 1.0 / (1.0 - p)
+
+
+def _block_r(r: int) -> int:
+    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device_index) -> int:
+    """Programs wanted in flight for the split-reduction kernels (about two per SM)."""
+    if _INTERPRET or device_index is None:
+        return 4  # small, but > 1 split on test shapes so the atomic paths are exercised
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target(t: torch.Tensor) -> int:
+    return _target_programs(t.device.index if t.device.type == "cuda" else None)
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _safe_2d(t: torch.Tensor) -> torch.Tensor:
+    """Keep strided views, unless a non-unit column stride could overflow int32 column offsets."""
+    if t.stride(1) != 1 and t.shape[1] * abs(t.stride(1)) >= 2**31:
+        return t.contiguous()
+    return t
+
+
+def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed):
+    """Fused forward. x [M, K] (any strides), weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] or None.
+
+    Returns ``(y [M, N] in x.dtype, xa [M, r] fp32)``; see the module docstring."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_a.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    xa = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, xa
+    if lora_a.dtype != x.dtype:
+        lora_a = lora_a.to(x.dtype)
+    if lora_b.dtype != x.dtype:
+        lora_b = lora_b.to(x.dtype)
+    x = _safe_2d(x)
+    precision = _input_precision()
+    dropout, seed_hash, threshold, keep_scale = _dropout_args(dropout_p, seed)
+    block_r = _block_r(R)
+    m_bucket = _m_bucket(M)
+    with _device_ctx(x):
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
+        _lora_shrink_kernel[grid](
+            x, lora_a, xa,
+            M, K, R,
+            x.stride(0), x.stride(1),
+            lora_a.stride(0), lora_a.stride(1),
+            xa.stride(0), xa.stride(1),
+            seed_hash, threshold, keep_scale, m_bucket,
+            DROPOUT=dropout, BLOCK_R=block_r, INPUT_PRECISION=precision,
+        )
+        if N > 0:
+            _launch_gemm(
+                x, weight, y, xa, lora_b, bias,
+                M=M, N=N, K=K, R=R,
+                stride_b=(weight.stride(1), weight.stride(0)),  # Bop[k, n] = W0[n, k]
+                stride_rt=(lora_b.stride(1), lora_b.stride(0)),  # Rt[j, n] = B[n, j]
+                l_scale=float(scale), dropout=(False, 0, 0, 1.0), precision=precision,
+                block_r=block_r, m_bucket=m_bucket,
+            )
+    return y, xa
+
+
+def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_scale, dropout, precision, block_r, m_bucket):
+    drop, seed_hash, threshold, keep_scale = dropout
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_gemm_kernel[grid](
+        a, b, c, l, rt, bias if bias is not None else c,
+        M, N, K, R,
+        a.stride(0), a.stride(1),
+        stride_b[0], stride_b[1],
+        c.stride(0), c.stride(1),
+        l.stride(0), l.stride(1),
+        stride_rt[0], stride_rt[1],
+        l_scale, seed_hash, threshold, keep_scale, m_bucket,
+        HAS_BIAS=bias is not None, DROPOUT=drop, EPI_LOW=(c.dtype == torch.bfloat16),
+        BLOCK_R=block_r, INPUT_PRECISION=precision,
+    )
+
+
+def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask):
+    """Fused backward. dy [M, N] (any strides), x [M, K] or None (LoRA-FA), xa [M, r] fp32 from the forward.
+
+    ``output_mask`` selects (dx, dA, dB, dW0); the others come back as None. Gradients are in their
+    parameter's dtype (dx in dy.dtype); see the module docstring."""
+    need_dx, need_da, need_db, need_dw = (bool(v) for v in output_mask)
+    M, N = dy.shape
+    R, K = lora_a.shape
+    if (need_da or need_dw) and x is None:
+        raise ValueError("lora_linear backward: dA / dW0 were requested but x was not saved")
+    dev = dy.device
+    if M == 0:
+        return (
+            torch.empty((0, K), dtype=dy.dtype, device=dev) if need_dx else None,
+            torch.zeros((R, K), dtype=lora_a.dtype, device=dev) if need_da else None,
+            torch.zeros((N, R), dtype=lora_b.dtype, device=dev) if need_db else None,
+            torch.zeros((N, K), dtype=weight.dtype, device=dev) if need_dw else None,
+        )
+    a_op = lora_a if lora_a.dtype == dy.dtype else lora_a.to(dy.dtype)
+    b_op = lora_b if lora_b.dtype == dy.dtype else lora_b.to(dy.dtype)
+    dy = _safe_2d(dy)
+    precision = _input_precision()
+    drop_args = _dropout_args(dropout_p, seed)
+    block_r = _block_r(R)
+    r_chunks = triton.cdiv(R, block_r)
+    m_bucket = _m_bucket(M)
+    epi_low = dy.dtype == torch.bfloat16
+    need_dxa = need_dx or need_da
+    dx = da = db = dw = None
+    with _device_ctx(dy):
+        dxa = torch.zeros((M, R), dtype=torch.float32, device=dev) if need_dxa else None
+        db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db else None
+        if (need_dxa or need_db) and N > 0:
+            target = _target(dy)
+
+            def grid_dy(meta):
+                m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+                n_blocks = triton.cdiv(N, meta["BLOCK_N"])
+                return (m_blocks, max(1, min(n_blocks, target // (m_blocks * r_chunks))), r_chunks)
+
+            _lora_dy_kernel[grid_dy](
+                dy, b_op, xa, dxa if need_dxa else db32, db32 if need_db else dxa,
+                M, N, R,
+                dy.stride(0), dy.stride(1),
+                b_op.stride(0), b_op.stride(1),
+                xa.stride(0), xa.stride(1),
+                float(scale), m_bucket,
+                COMPUTE_DXA=need_dxa, COMPUTE_DB=need_db, EPI_LOW=epi_low,
+                BLOCK_R=block_r, INPUT_PRECISION=precision,
+            )
+        if need_dx:
+            dx = torch.empty((M, K), dtype=dy.dtype, device=dev)
+            if K > 0:
+                _launch_gemm(
+                    dy, weight, dx, dxa, a_op, None,
+                    M=M, N=K, K=N, R=R,
+                    stride_b=(weight.stride(0), weight.stride(1)),  # Bop[n, k] = W0[n, k]
+                    stride_rt=(a_op.stride(0), a_op.stride(1)),  # Rt[j, k] = A[j, k]
+                    l_scale=1.0, dropout=drop_args, precision=precision,
+                    block_r=block_r, m_bucket=m_bucket,
+                )
+        if need_da:
+            xs = _safe_2d(x)
+            da32 = torch.zeros((R, K), dtype=torch.float32, device=dev)
+            if K > 0:
+                drop, seed_hash, threshold, keep_scale = drop_args
+                target = _target(dy)
+
+                def grid_da(meta):
+                    k_blocks = triton.cdiv(K, meta["BLOCK_K"])
+                    m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+                    return (k_blocks, max(1, min(m_blocks, target // (k_blocks * r_chunks))), r_chunks)
+
+                _lora_da_kernel[grid_da](
+                    dxa, xs, da32,
+                    M, K, R,
+                    xs.stride(0), xs.stride(1),
+                    seed_hash, threshold, keep_scale, m_bucket,
+                    DROPOUT=drop, EPI_LOW=epi_low, BLOCK_R=block_r, INPUT_PRECISION=precision,
+                )
+            da = da32.to(lora_a.dtype)
+        if need_db:
+            db = db32.to(lora_b.dtype)
+        if need_dw:
+            dw = torch.matmul(dy.t(), x.to(dy.dtype)).to(weight.dtype)
+    return dx, da, db, dw
