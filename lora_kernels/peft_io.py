@@ -1,0 +1,280 @@
+"""Read and write LoRA adapters in PEFT's on-disk format, without needing PEFT itself.
+
+PEFT's format is a directory holding ``adapter_config.json`` and ``adapter_model.safetensors`` (older:
+``adapter_model.bin``) whose keys are ``base_model.model.<module path>.lora_A.weight`` [r, K] and
+``...lora_B.weight`` [N, r], ``<module path>`` being the module's name in the base model. The scale of a module
+is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), where r and alpha may be overridden per module by
+``rank_pattern`` / ``alpha_pattern`` (regex keys matched against the end of the module path, as PEFT does).
+
+* :func:`save_peft_adapter` writes the :class:`~lora_kernels.LoRALinear` modules of a model built with
+  :func:`~lora_kernels.inject_lora` so that ``peft.PeftModel.from_pretrained(base, dir)`` loads them.
+* :func:`load_peft_adapter_` loads a PEFT-saved adapter into such a model (checks ranks, scales, targets).
+* :func:`read_peft_adapter` returns the config and ``{module path: (A, B, scale)}`` for serving stacks.
+
+Needs ``safetensors`` for ``.safetensors`` files (``pip install lora_kernels[interop]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .modules import LoRALinear
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("PEFT adapter files need the `safetensors` package (pip install lora_kernels[interop])") from e
+    return st
+
+
+def _pattern_value(patterns: Dict[str, float], path: str, default):
+    """PEFT's rule: the first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)`` wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def peft_scale(config: dict, path: str) -> Tuple[int, float, float]:
+    """(r, alpha, scale) of module ``path`` under a PEFT LoRA ``config`` dict."""
+    r = int(_pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8)))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8)))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+    return r, alpha, scale
+
+
+def _check_supported(config: dict, where: str) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA")
+    unsupported = []
+    if config.get("use_dora"):
+        unsupported.append("use_dora=True (DoRA magnitude vectors)")
+    if config.get("fan_in_fan_out"):
+        unsupported.append("fan_in_fan_out=True (Conv1D-layout weights)")
+    if config.get("lora_bias"):
+        unsupported.append("lora_bias=True")
+    if unsupported:
+        raise ValueError(f"{where}: unsupported PEFT LoRA options: {', '.join(unsupported)}")
+
+
+def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
+    st_file, bin_file = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
+    if os.path.isfile(st_file):
+        return _safetensors().load_file(st_file)
+    if os.path.isfile(bin_file):
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {path!r}")
+
+
+def _read(path: str):
+    cfg_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r} (is it a PEFT adapter directory?)")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    tensors = _load_tensors(path)
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    other: Dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _LORA_KEY.match(k)
+        if m is None:
+            other[k] = t
+            continue
+        pairs.setdefault(m.group("path"), {})[m.group("which")] = t
+    return config, pairs, other
+
+
+def read_peft_adapter(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
+    """Read a PEFT LoRA adapter directory.
+
+    Returns ``(config, {module_path: (lora_A [r, K], lora_B [N, r], scale)})``: ``config`` is the parsed
+    ``adapter_config.json``; ``module_path`` is the module's name in the base model (PEFT's
+    ``base_model.model.`` prefix removed); tensors stay on the CPU in their saved dtype; ``scale`` follows
+    ``lora_alpha``, ``r``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``. Raises on DoRA,
+    ``fan_in_fan_out``, ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
+    """
+    config, out, _ = _parse(path)
+    return config, out
+
+
+def _parse(path: str):
+    config, pairs, other = _read(path)
+    _check_supported(config, f"read_peft_adapter({path!r})")
+    emb = [k for k in other if "lora_embedding" in k or "lora_magnitude" in k]
+    if emb:
+        raise ValueError(f"read_peft_adapter({path!r}): unsupported tensors (embedding LoRA / DoRA): {emb[:3]}")
+    out = {}
+    for mpath, ab in sorted(pairs.items()):
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"read_peft_adapter({path!r}): module {mpath!r} has only {sorted(ab)}")
+        a, b = ab["lora_A"], ab["lora_B"]
+        r, _, scale = peft_scale(config, mpath)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"read_peft_adapter({path!r}): module {mpath!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                "are not [r, K] and [N, r]"
+            )
+        if a.shape[0] != r:
+            raise ValueError(
+                f"read_peft_adapter({path!r}): module {mpath!r} has rank {a.shape[0]} but the config says r={r}"
+            )
+        out[mpath] = (a, b, scale)
+    return config, out, other
+
+
+def _lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+@torch.no_grad()
+def save_peft_adapter(
+    model: nn.Module,
+    path: str,
+    base_model_name_or_path: Optional[str] = None,
+    *,
+    save_biases: bool = False,
+) -> dict:
+    """Save the :class:`LoRALinear` adapters of ``model`` as a PEFT LoRA adapter directory.
+
+    ``model`` is the base model with LoRA injected by :func:`lora_kernels.inject_lora` (module paths must be
+    those of the plain base model, which ``PeftModel.from_pretrained(base, path)`` then adapts). Writes
+    ``adapter_config.json`` (``r`` / ``lora_alpha`` the most common values, per-module exceptions in
+    ``rank_pattern`` / ``alpha_pattern``; ``target_modules`` the leaf names when they select exactly the
+    adapted layers, else the full module paths) and ``adapter_model.safetensors``. With ``save_biases`` the
+    adapted layers' biases are stored too (PEFT's ``bias="lora_only"``). Returns the config dict written.
+    """
+    mods = _lora_modules(model)
+    if not mods:
+        raise ValueError("save_peft_adapter: the model has no LoRALinear modules (use lora_kernels.inject_lora first)")
+    rslora = {m.use_rslora for m in mods.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_peft_adapter: PEFT has one use_rslora flag per adapter; the model mixes both")
+    r0 = _most_common(m.r for m in mods.values())
+    a0 = _most_common(m.alpha for m in mods.values())
+    rank_pattern = {p: m.r for p, m in mods.items() if m.r != r0}
+    alpha_pattern = {p: (int(m.alpha) if float(m.alpha).is_integer() else m.alpha) for p, m in mods.items() if m.alpha != a0}
+
+    leaves = sorted({p.rpartition(".")[2] for p in mods})
+    by_leaf = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in leaves}
+    target_modules = leaves if by_leaf == set(mods) else sorted(mods)
+    dropout = _most_common(m.dropout for m in mods.values())
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": int(a0) if float(a0).is_integer() else a0,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
+        "use_rslora": rslora.pop(),
+        "fan_in_fan_out": False,
+        "bias": "lora_only" if save_biases else "none",
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    tensors = {}
+    for p, m in mods.items():
+        tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        if save_biases and m.bias is not None:
+            tensors[f"{PREFIX}{p}.bias"] = m.bias.detach().contiguous().cpu()
+    os.makedirs(path, exist_ok=True)
+    _safetensors().save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return config
+
+
+@torch.no_grad()
+def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adopt_scale: bool = False) -> nn.Module:
+    """Load a PEFT-saved LoRA adapter into the :class:`LoRALinear` modules of ``model``, in place.
+
+    Each ``<module path>`` of the adapter must be a LoRALinear of ``model`` with the same rank and the same
+    in/out features; with ``strict`` every LoRALinear of ``model`` must also be in the adapter. The scale
+    implied by the config must equal the module's (``alpha / r`` or rsLoRA), unless ``adopt_scale`` is set, in
+    which case the module's alpha / use_rslora / scale are set from the file. Biases saved by PEFT with
+    ``bias="all"`` or ``"lora_only"`` are copied into the matching parameters. Refuses merged modules.
+    Tensors are copied into the existing parameters (so optimizers keep working), cast to their dtype/device.
+    Returns ``model``.
+    """
+    config, adapters, other = _parse(path)
+    mods = _lora_modules(model)
+    where = f"load_peft_adapter_({path!r})"
+    unexpected = sorted(set(adapters) - set(mods))
+    missing = sorted(set(mods) - set(adapters))
+    if unexpected:
+        raise ValueError(
+            f"{where}: the adapter targets modules that are not LoRALinear in the model: {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''} (adapter target_modules={config.get('target_modules')!r}; "
+            f"model LoRA modules e.g. {sorted(mods)[:3]})"
+        )
+    if strict and missing:
+        raise ValueError(
+            f"{where}: LoRALinear modules of the model have no weights in the adapter: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} (pass strict=False to leave them unchanged)"
+        )
+    for p, (a, b, scale) in adapters.items():
+        m = mods[p]
+        if m.merged:
+            raise RuntimeError(f"{where}: module {p!r} is merged; unmerge() it before loading an adapter")
+        if tuple(a.shape) != tuple(m.lora_A.shape) or tuple(b.shape) != tuple(m.lora_B.shape):
+            raise ValueError(
+                f"{where}: module {p!r}: adapter lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} vs model "
+                f"lora_A {tuple(m.lora_A.shape)} / lora_B {tuple(m.lora_B.shape)} (r={m.r}, in={m.in_features}, "
+                f"out={m.out_features})"
+            )
+        if not adopt_scale and not math.isclose(scale, m.scale, rel_tol=1e-6, abs_tol=0.0):
+            r, alpha, _ = peft_scale(config, p)
+            raise ValueError(
+                f"{where}: module {p!r}: the adapter's scale {scale:g} (r={r}, lora_alpha={alpha:g}, "
+                f"use_rslora={bool(config.get('use_rslora'))}) differs from the module's {m.scale:g} "
+                f"(r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}); pass adopt_scale=True to take the file's"
+            )
+    params = dict(model.named_parameters())
+    for k, t in other.items():
+        target = k.replace(".base_layer.", ".")
+        if target not in params or tuple(params[target].shape) != tuple(t.shape):
+            raise ValueError(f"{where}: the adapter stores {k!r} {tuple(t.shape)} (modules_to_save / trainable tokens / "
+                             f"biases) but the model has no parameter {target!r} of that shape")
+    for p, (a, b, scale) in adapters.items():
+        m = mods[p]
+        m.lora_A.copy_(a)
+        m.lora_B.copy_(b)
+        if adopt_scale:
+            _, alpha, _ = peft_scale(config, p)
+            m.alpha, m.use_rslora, m.scale = alpha, bool(config.get("use_rslora", False)), scale
+    for k, t in other.items():
+        params[k.replace(".base_layer.", ".")].copy_(t)
+    return model
+
+
+__all__ = ["read_peft_adapter", "save_peft_adapter", "load_peft_adapter_", "peft_scale"]
