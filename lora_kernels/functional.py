@@ -128,6 +128,7 @@ def add_lora(
     slices: Optional[Sequence[int]] = None,
     *,
     backend: Optional[str] = None,
+    meta=None,
 ) -> torch.Tensor:
     """Batched multi-adapter LoRA, in place on y; returns y.
 
@@ -144,11 +145,19 @@ def add_lora(
         ranks: [L] per-adapter rank in [0, r_max] (None: all r_max); columns past the rank are ignored.
         slices: optional widths [N_0, N_1, ...] to assert against lora_b's shapes.
         backend: "cuda" | "triton" | "torch" | None (auto).
+        meta: optional ``lora_kernels.serving.LoRABatchMeta`` built from these adapter_ids (once per batch,
+            shared by every layer); only accelerates the grouped (SGMV) path, never changes the result.
     """
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
     _checks.check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices)
     be = resolve_backend("add_lora", y, x, *lora_a, *lora_b, backend=backend)
-    _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
+    if meta is None:
+        _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
+        return y
+    meta.check(adapter_ids, lora_a[0].shape[0])
+    if _checks.data_checks_enabled(adapter_ids) and not meta.matches(adapter_ids):
+        raise _checks.LoRAInputError("lora_kernels.add_lora: meta was built from different adapter_ids (call meta.update_(adapter_ids))")
+    _ops.add_lora_meta_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, meta.sorted_token_ids, meta.tiles, meta.block_m, be)
     return y
 
 

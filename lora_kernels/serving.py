@@ -82,9 +82,20 @@ class LoRABatchMeta:
         self.tiles = torch.full((3, _tile_capacity(capacity, L, self.block_m)), -1, **i32)
         self.update_(adapter_ids)
 
+    @classmethod
+    def from_buffers(cls, sorted_token_ids: torch.Tensor, tiles: torch.Tensor, block_m: int) -> "LoRABatchMeta":
+        """A read-only view over the two buffers the kernels read (used inside the registered op, which receives
+        tensors rather than this object). It cannot be updated or checked."""
+        self = cls.__new__(cls)
+        self.sorted_token_ids, self.tiles, self.block_m = sorted_token_ids, tiles, int(block_m)
+        self.capacity = sorted_token_ids.shape[0]
+        self.num_adapters = self.num_tokens = None
+        self.adapter_ids = self.counts = self.seg_offsets = self.token_pos = None
+        return self
+
     @property
     def device(self) -> torch.device:
-        return self.adapter_ids.device
+        return self.sorted_token_ids.device
 
     @property
     def num_tiles(self) -> int:

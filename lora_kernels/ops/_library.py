@@ -32,6 +32,10 @@ SCHEMAS = {
     "-> (Tensor, Tensor, Tensor, Tensor)",
     "add_lora_": "add_lora_(Tensor(a!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor adapter_ids, "
     "Tensor scales, Tensor? ranks, str backend) -> ()",
+    # add_lora_ with precomputed batch metadata (lora_kernels.serving.LoRABatchMeta: sorted token ids [C] int32,
+    # tile table [3, T] int32, tokens per tile); an acceleration structure only: same result as add_lora_
+    "add_lora_meta_": "add_lora_meta_(Tensor(a!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor adapter_ids, "
+    "Tensor scales, Tensor? ranks, Tensor sorted_token_ids, Tensor tiles, int block_m, str backend) -> ()",
     "merge_": "merge_(Tensor(a!) weight, Tensor[] lora_a, Tensor[] lora_b, float[] scales, str backend) -> ()",
     # --- CUDA extension kernels (C++ implementation only) ---
     # xa[m, :ranks[i]] = x[m] · lora_a[i, :ranks[i]]ᵀ for i = adapter_ids[m] >= 0; other entries 0. fp32 [M, r_max]
@@ -125,6 +129,20 @@ def _add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend):
         _launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks)
 
 
+def _add_lora_meta_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, sorted_token_ids, tiles, block_m, backend):
+    if x.shape[0] == 0:
+        return
+    if backend == "torch":
+        ref.add_lora_ref(y, x, lora_a, lora_b, adapter_ids, scales, ranks)
+    elif backend == "triton":
+        from ..serving import LoRABatchMeta
+
+        meta = LoRABatchMeta.from_buffers(sorted_token_ids, tiles, block_m)
+        _launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks, meta=meta)
+    else:  # backends without a metadata path ignore it
+        _launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks)
+
+
 def _merge_(weight, lora_a, lora_b, scales, backend):
     if backend == "torch":
         ref.merge_ref(weight, lora_a, lora_b, scales)
@@ -136,6 +154,7 @@ for _name, _fn in (
     ("lora_linear_fwd", _lora_linear_fwd),
     ("lora_linear_bwd", _lora_linear_bwd),
     ("add_lora_", _add_lora_),
+    ("add_lora_meta_", _add_lora_meta_),
     ("merge_", _merge_),
 ):
     for _key in ("CPU", "CUDA"):
@@ -169,6 +188,11 @@ def _lora_linear_bwd_fake(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, s
 
 @torch.library.register_fake("lora_kernels::add_lora_", lib=lib)
 def _add_lora_fake(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend):
+    return None
+
+
+@torch.library.register_fake("lora_kernels::add_lora_meta_", lib=lib)
+def _add_lora_meta_fake(y, x, lora_a, lora_b, adapter_ids, scales, ranks, sorted_token_ids, tiles, block_m, backend):
     return None
 
 
