@@ -277,4 +277,25 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     return model
 
 
-__all__ = ["read_peft_adapter", "save_peft_adapter", "load_peft_adapter_", "peft_scale"]
+def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optional[str] = None) -> int:
+    """Copy one layer of a PEFT adapter into a :class:`lora_kernels.serving.AdapterSlots` slot.
+
+    ``source`` is a PEFT adapter directory or the ``(config, adapters)`` pair returned by
+    :func:`read_peft_adapter` (read once, load many layers). ``module_path`` is the layer's path in the base
+    model (e.g. ``"model.layers.0.self_attn.q_proj"``), or one path per output slice for q/k/v-packed slots
+    (the slices must share one scale). Returns the slot.
+    """
+    _, adapters = read_peft_adapter(source) if isinstance(source, (str, os.PathLike)) else source
+    paths = [module_path] if isinstance(module_path, str) else list(module_path)
+    missing = [p for p in paths if p not in adapters]
+    if missing:
+        raise KeyError(f"load_peft_into_slots: the adapter has no module {missing[0]!r} (it has e.g. {sorted(adapters)[:3]})")
+    scales = {adapters[p][2] for p in paths}
+    if len(scales) > 1:
+        raise ValueError(f"load_peft_into_slots: packed slices {paths} have different scales {sorted(scales)}")
+    As = [adapters[p][0] for p in paths]
+    Bs = [adapters[p][1] for p in paths]
+    return slots.load(slot, As if len(As) > 1 else As[0], Bs if len(Bs) > 1 else Bs[0], scales.pop(), name=name)
+
+
+__all__ = ["read_peft_adapter", "save_peft_adapter", "load_peft_adapter_", "load_peft_into_slots", "peft_scale"]
