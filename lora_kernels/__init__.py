@@ -2,13 +2,14 @@
 
 Public API:
     lora_linear, LoRALinearFunction, LoRALinear, inject_lora, mark_only_lora_as_trainable, lora_state_dict,
-    add_lora, merge_, unmerge_, resolve_backend, load_extension.
+    add_lora, merge_, unmerge_, merge_exact_, unmerge_exact_, resolve_backend, load_extension.
 """
 
 from ._backend import BackendUnavailableError, backend_report, resolve_backend
 from ._checks import LoRAInputError
 from ._ext import load as load_extension
 from .functional import LoRALinearFunction, add_lora, lora_linear, merge_, unmerge_
+from .exact_merge import MergeOverflowError, MergeRecord, merge_exact_, unmerge_exact_
 from .modules import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from .reference import lora_scale
 
@@ -24,6 +25,10 @@ __all__ = [
     "add_lora",
     "merge_",
     "unmerge_",
+    "merge_exact_",
+    "unmerge_exact_",
+    "MergeRecord",
+    "MergeOverflowError",
     "lora_scale",
     "resolve_backend",
     "backend_report",

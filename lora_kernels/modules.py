@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
+from ._checks import LoRAInputError
+from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_linear, merge_, unmerge_
 from .reference import lora_scale
 
@@ -68,6 +71,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dt, device=dev))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dt, device=dev))
         self.merged = False
+        self._merge_record: Optional[MergeRecord] = None  # set by merge(); not part of the state dict
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -93,18 +97,47 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scale·B·A`` into the base weight in place (fp32 accumulate, one rounding)."""
+        """Fold ``scale·B·A`` into the base weight in place (fp32 accumulate, one rounding), losslessly.
+
+        Uses :func:`lora_kernels.merge_exact_`: the returned record (a repair list plus a snapshot of A and B;
+        see ``lora_kernels.exact_merge``) is kept on the module as ``_merge_record`` (not in the state dict),
+        so :meth:`unmerge` restores the base weight bit-for-bit — even if lora_A / lora_B were changed while
+        merged (the record removes exactly what was added; the new A/B are used from then on).
+        """
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged; unmerge() first")
-        merge_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+        self._merge_record = merge_exact_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ``scale·B·A`` from the base weight in place."""
+        """Subtract ``scale·B·A`` from the base weight in place, restoring it bit-for-bit.
+
+        If the base weight itself was modified (or moved / cast) while merged, the record no longer applies:
+        a warning is issued and the recorded adapter is subtracted with the plain (rounding) unmerge instead.
+        """
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
-        unmerge_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+        record: Optional[MergeRecord] = getattr(self, "_merge_record", None)
+        try:
+            if record is None:
+                raise LoRAInputError("no merge record (merged by an older version or by hand)")
+            unmerge_exact_(self.weight, record)
+        except LoRAInputError as e:
+            warnings.warn(
+                f"LoRALinear.unmerge(): exact unmerge impossible ({e}); subtracting the adapter with the plain "
+                "unmerge instead (the base weight is restored only up to rounding)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if record is not None:
+                dev = self.weight.device
+                a = [t.to(dev) for t in record.lora_a]
+                b = [t.to(dev) for t in record.lora_b]
+                unmerge_(self.weight, a, b, list(record.scales), backend=self.backend)
+            else:
+                unmerge_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+        self._merge_record = None
         self.merged = False
 
     def train(self, mode: bool = True):

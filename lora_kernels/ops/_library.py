@@ -43,6 +43,14 @@ SCHEMAS = {
     # y[m, col_offset + n] += scales[i] · Σ_j<ranks[i] xa[m, j] · lora_b[i, n, j]   for i = adapter_ids[m] >= 0
     "cuda_multi_lora_expand_": "cuda_multi_lora_expand_(Tensor(a!) y, Tensor xa, Tensor lora_b, Tensor adapter_ids, "
     "Tensor scales, Tensor? ranks, int col_offset) -> ()",
+    # weight[N, K] <- round(weight + Σᵢ scales[i]·lora_b[:, rs[i]:rs[i+1]]·lora_a[rs[i]:rs[i+1]]) with rs = rank_starts
+    # (adapters concatenated along the rank; rank_starts int32 [n+1], scales fp32 [n], both on the device)
+    "cuda_merge_": "cuda_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor rank_starts, Tensor scales) -> ()",
+    # cuda_merge_ + repair list of the exact unmerge (lora_kernels/exact_merge.py): counters int32 [4] =
+    # (claimed, stored, overflowed tiles, new non-finite); tiles listed in tile_ids only (None: all tiles)
+    "cuda_merge_exact_": "cuda_merge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor rank_starts, "
+    "Tensor scales, Tensor(b!) counters, Tensor(c!) repair_index, Tensor(d!) repair_bits, Tensor(e!) overflow_tiles, "
+    "Tensor? tile_ids) -> ()",
 }
 for _schema in SCHEMAS.values():
     lib.define(_schema)
@@ -58,7 +66,7 @@ _LAUNCHERS = {
     ("lora_linear_fwd", "cuda"): "lora_kernels.ops.cuda_impl:lora_linear_fwd_cuda",
     ("lora_linear_bwd", "cuda"): "lora_kernels.ops.cuda_impl:lora_linear_bwd_cuda",
     ("add_lora", "cuda"): "lora_kernels.ops.cuda_impl:add_lora_cuda",
-    ("merge", "cuda"): "lora_kernels.ops.cuda_impl:merge_cuda",
+    ("merge", "cuda"): "lora_kernels.ops.cuda_merge:merge_cuda",
 }
 # Public op name (as passed to resolve_backend) -> the launcher entries it needs.
 _OP_PARTS = {"lora_linear": ("lora_linear_fwd", "lora_linear_bwd")}
@@ -208,4 +216,15 @@ def _cuda_multi_lora_shrink_fake(x, lora_a, adapter_ids, ranks):
 
 @torch.library.register_fake("lora_kernels::cuda_multi_lora_expand_", lib=lib)
 def _cuda_multi_lora_expand_fake(y, xa, lora_b, adapter_ids, scales, ranks, col_offset):
+    return None
+
+
+@torch.library.register_fake("lora_kernels::cuda_merge_", lib=lib)
+def _cuda_merge_fake(weight, lora_a, lora_b, rank_starts, scales):
+    return None
+
+
+@torch.library.register_fake("lora_kernels::cuda_merge_exact_", lib=lib)
+def _cuda_merge_exact_fake(weight, lora_a, lora_b, rank_starts, scales, counters, repair_index, repair_bits,
+                           overflow_tiles, tile_ids):
     return None

@@ -1,0 +1,351 @@
+"""Lossless merge / unmerge: ``merge_exact_`` then ``unmerge_exact_`` gives back W bit-for-bit, always.
+
+Why the plain round trip is not exact
+-------------------------------------
+``merge_`` writes ``W' = rnd(W + Δ)`` and ``unmerge_`` writes ``rnd(W' − Δ)``. The rounding error of the
+merge, ``e = W' − (W + Δ)``, is at most half an ulp *of W'*; if W' landed in a coarser binade than W (an
+update pushing |W| across a power of two), ``W + e`` can round to a neighbour of W, and there several
+values of W map to the same W' (information is lost). Ties, −0 + 0 = +0, NaN payloads, fp16 overflow to
+inf and flushed subnormals are other (rarer) ways to lose bits.
+
+What the exact merge does
+-------------------------
+In the same pass as the merge, each element's unmerge result ``rnd(W' − Δ)`` is computed from the very
+Δ the merge added, compared with W **as integer bits**, and every element where they differ is appended
+to a repair list: its logical index ``n·K + k`` (int32, int64 past 2³¹ elements) and W's original bits
+(int16 for fp16/bf16, int32 for fp32, int64 for fp64). ``unmerge_exact_`` runs the plain unmerge and
+scatters those bits back. Nothing else is needed for exactness — provided the unmerge forms **the same
+Δ, bit for bit**. Hence the :class:`MergeRecord` remembers:
+
+* the backend and its launch config (Triton tile sizes; the CUDA kernel has a fixed tiling), and
+  ``unmerge_exact_`` replays exactly those (asking it for another backend is an error): different kernels
+  or tilings sum the rank dimension in different orders and give a Δ that differs in the last fp32 bit;
+* the adapter operands: by default a private **snapshot** (clone) of every A and B and the scales, so
+  later changes to the LoRA parameters (an optimizer step while merged, ``load_state_dict``) cannot break
+  the unmerge — it removes exactly what was added. ``snapshot=False`` keeps references instead, records
+  their version counters, and the unmerge raises if any of them changed;
+* the weight's identity (data pointer, shape, strides, dtype, device) and its version counter after the
+  merge: an unmerge with a record from another weight, or after W was modified in place, raises before
+  anything is written. A record is single-use.
+
+The unmerge uses ``round(W' + (−Δ))`` computed with negated scales; round-to-nearest-even is symmetric in
+sign, so this equals the merge's check ``round(W' − Δ)`` bit for bit (Triton kernels are compiled with FMA
+contraction off so this holds whatever the scheduling).
+
+Side storage (reported by :meth:`MergeRecord.nbytes` / :meth:`MergeRecord.summary`)
+-------------------------------------------------------------------------------------
+repair list: ``n_repairs × (4 + elt)`` bytes, i.e. 6 bytes per repaired bf16/fp16 element. With realistic
+adapters (|ΔW| ≈ 0.7–7 % of |W|) a few tenths of a percent to a few percent of the elements need repair
+(measured by ``tests/test_merge.py::test_repair_fraction_realistic``; see the report table there), i.e.
+about 3× that fraction in bytes relative to bf16 W. The adapter snapshot adds ``Σ rᵢ·(N + K)·elt`` bytes
+(0.8 % of a 4096×4096 W at r = 16, 3.1 % at r = 64); ``snapshot=False`` drops it.
+
+Overflow (fp16 / bf16 / fp32 values whose merged value is ±inf)
+-----------------------------------------------------------------
+The repair list keeps such elements exact anyway, but an infinite weight is almost certainly a bug, so by
+default (``on_overflow="raise"``) the exact merge detects it in the same pass, restores W bit-for-bit from
+the record and raises :class:`MergeOverflowError` — W is unchanged when the error reaches the caller.
+``on_overflow="keep"`` keeps the infinities (the round trip is still exact).
+
+The exact merge synchronises once (to size the repair list), so it cannot be captured in a CUDA graph;
+the plain ``merge_`` / ``unmerge_`` can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _checks
+from ._backend import BackendUnavailableError, resolve_backend, why_not
+from ._checks import LoRAInputError
+from .reference import compute_dtype
+
+__all__ = ["MergeRecord", "MergeOverflowError", "merge_exact_", "unmerge_exact_"]
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class MergeOverflowError(LoRAInputError):
+    """The merged weight would contain ±inf where W was finite (W has been left unchanged)."""
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return int(t._version)
+    except Exception:  # inference tensors have no version counter
+        return None
+
+
+@dataclass(eq=False)
+class MergeRecord:
+    """What ``unmerge_exact_`` needs to restore W bit-for-bit (see the module docstring)."""
+
+    backend: str
+    config: Optional[dict]
+    lora_a: List[torch.Tensor]
+    lora_b: List[torch.Tensor]
+    scales: Tuple[float, ...]  # as merged (the unmerge negates them)
+    snapshot: bool
+    adapter_versions: Optional[Tuple[Optional[int], ...]]
+    weight_ptr: int
+    weight_shape: Tuple[int, ...]
+    weight_stride: Tuple[int, ...]
+    weight_dtype: torch.dtype
+    weight_device: torch.device
+    repair_index: torch.Tensor  # logical n*K + k, int32 or int64
+    repair_bits: torch.Tensor  # W's original bits at those elements
+    n_nonfinite: int = 0  # elements made ±inf/NaN by the merge (only with on_overflow="keep")
+    weight_version: Optional[int] = None
+    consumed: bool = field(default=False)
+
+    @property
+    def n_repairs(self) -> int:
+        return int(self.repair_index.numel())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.weight_shape:
+            n *= d
+        return n
+
+    @property
+    def repair_fraction(self) -> float:
+        return self.n_repairs / max(self.numel, 1)
+
+    def repair_nbytes(self) -> int:
+        return self.repair_index.numel() * self.repair_index.element_size() + self.repair_bits.numel() * self.repair_bits.element_size()
+
+    def adapter_nbytes(self) -> int:
+        """Bytes held by the adapter snapshot (0 with snapshot=False: only references are kept)."""
+        if not self.snapshot:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.lora_a + self.lora_b)
+
+    def nbytes(self) -> int:
+        return self.repair_nbytes() + self.adapter_nbytes()
+
+    def weight_nbytes(self) -> int:
+        return self.numel * torch.empty(0, dtype=self.weight_dtype).element_size()
+
+    def summary(self) -> str:
+        w = max(self.weight_nbytes(), 1)
+        return (
+            f"MergeRecord[{self.backend}] W{list(self.weight_shape)} {str(self.weight_dtype).replace('torch.', '')}: "
+            f"{self.n_repairs} repairs ({100 * self.repair_fraction:.3f}% of elements), "
+            f"repair list {self.repair_nbytes()} B ({100 * self.repair_nbytes() / w:.3f}% of W), "
+            f"adapter snapshot {self.adapter_nbytes()} B ({100 * self.adapter_nbytes() / w:.3f}% of W)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends: each returns (repair_index, repair_bits, n_nonfinite, config) and leaves W' in weight.
+# ----------------------------------------------------------------------------------------------
+
+
+def _delta_torch(weight, lora_a, lora_b, scales) -> torch.Tensor:
+    """Δ = Σᵢ sᵢ·(Bᵢ·Aᵢ) in fp32 (fp64 for fp64 W), the reference's formula; deterministic for fixed inputs."""
+    acc = compute_dtype(weight.dtype)
+    delta = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    for a, b, s in zip(lora_a, lora_b, scales):
+        delta += float(s) * (b.to(acc) @ a.to(acc))
+    return delta
+
+
+def _merge_exact_torch(weight, lora_a, lora_b, scales, config=None):
+    acc = compute_dtype(weight.dtype)
+    ib = _BITS[weight.dtype]
+    delta = _delta_torch(weight, lora_a, lora_b, scales)
+    out = (weight.to(acc) + delta).to(weight.dtype)
+    back = (out.to(acc) - delta).to(weight.dtype)  # what _unmerge_plain computes from W' = out
+    bad = back.view(ib) != weight.view(ib)
+    rows, cols = bad.nonzero(as_tuple=True)
+    idx_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
+    index = (rows * weight.shape[1] + cols).to(idx_dtype)
+    bits = weight.view(ib)[rows, cols].clone()
+    n_nonfinite = int((torch.isfinite(weight) & ~torch.isfinite(out)).sum())
+    weight.copy_(out)
+    return index, bits, n_nonfinite, None
+
+
+def _unmerge_plain_torch(weight, lora_a, lora_b, scales, config=None):
+    acc = compute_dtype(weight.dtype)
+    delta = _delta_torch(weight, lora_a, lora_b, scales)
+    weight.copy_((weight.to(acc) - delta).to(weight.dtype))
+
+
+def _merge_exact_triton(weight, lora_a, lora_b, scales, config=None):
+    from .triton.merge import merge_exact_triton
+
+    return merge_exact_triton(weight, lora_a, lora_b, scales, config=config)
+
+
+def _unmerge_plain_triton(weight, lora_a, lora_b, scales, config=None):
+    from .triton.merge import merge_triton
+
+    merge_triton(weight, lora_a, lora_b, [-s for s in scales], config=config)
+
+
+def _merge_exact_cuda(weight, lora_a, lora_b, scales, config=None):
+    from .ops.cuda_merge import merge_exact_cuda
+
+    return merge_exact_cuda(weight, lora_a, lora_b, scales)
+
+
+def _unmerge_plain_cuda(weight, lora_a, lora_b, scales, config=None):
+    from .ops.cuda_merge import merge_cuda
+
+    merge_cuda(weight, lora_a, lora_b, [-s for s in scales])
+
+
+_EXACT = {
+    "torch": (_merge_exact_torch, _unmerge_plain_torch),
+    "triton": (_merge_exact_triton, _unmerge_plain_triton),
+    "cuda": (_merge_exact_cuda, _unmerge_plain_cuda),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_list(t: TensorOrList) -> List[torch.Tensor]:
+    return [t] if isinstance(t, torch.Tensor) else list(t)
+
+
+def _check_weight_layout(op: str, weight: torch.Tensor) -> None:
+    for d in range(weight.dim()):
+        if weight.stride(d) == 0 and weight.shape[d] > 1:
+            raise LoRAInputError(
+                f"lora_kernels.{op}: weight has stride 0 in dim {d} (an expanded view whose elements alias); "
+                "an in-place merge needs every element stored once (call .contiguous() and merge that)"
+            )
+
+
+def merge_exact_(
+    weight: torch.Tensor,
+    lora_a: TensorOrList,
+    lora_b: TensorOrList,
+    scale: Union[float, Sequence[float]],
+    *,
+    backend: Optional[str] = None,
+    snapshot: bool = True,
+    on_overflow: str = "raise",
+) -> MergeRecord:
+    """In place ``W ← round(W + Σᵢ sᵢ·Bᵢ·Aᵢ)`` (as :func:`lora_kernels.merge_`) and return the record that
+    lets :func:`unmerge_exact_` restore W bit-for-bit.
+
+    Args: weight [N, K] (fp16/bf16/fp32 on any backend, fp64 on torch; any strides without aliasing);
+    lora_a [r, K] or list of [rᵢ, K]; lora_b [N, r] or list of [N, rᵢ]; scale a float or one per adapter;
+    backend "cuda" | "triton" | "torch" | None (auto); snapshot: keep a private copy of the adapter in the
+    record (default) or only references + version counters; on_overflow: "raise" (default: W restored,
+    :class:`MergeOverflowError`) or "keep".
+
+    Every check runs before W is written; a failed call leaves W unchanged. Synchronises once.
+    """
+    op = "merge_exact_"
+    lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(lora_a)
+    scales = _checks.check_merge(weight, lora_a, lora_b, scales)
+    _check_weight_layout(op, weight)
+    if on_overflow not in ("raise", "keep"):
+        raise LoRAInputError(f"lora_kernels.{op}: on_overflow must be 'raise' or 'keep', got {on_overflow!r}")
+    be = resolve_backend("merge", weight, *lora_a, *lora_b, backend=backend)
+    if be == "cuda":
+        from .ops import cuda_merge
+
+        if not cuda_merge.has_exact_kernel():
+            if backend is not None:
+                raise BackendUnavailableError(
+                    "backend 'cuda' cannot run lora_kernels.merge_exact_: the loaded extension has no cuda_merge_exact_ kernel"
+                )
+            tensors = [weight, *lora_a, *lora_b]
+            be = "triton" if not why_not("triton", "merge", tensors) else "torch"
+    with torch.no_grad():
+        if snapshot:
+            a_ops = [a.detach().clone(memory_format=torch.preserve_format) for a in lora_a]
+            b_ops = [b.detach().clone(memory_format=torch.preserve_format) for b in lora_b]
+            versions = None
+        else:
+            a_ops = [a.detach() for a in lora_a]
+            b_ops = [b.detach() for b in lora_b]
+            versions = tuple(_version(t) for t in lora_a + lora_b)
+        merge_fn, _ = _EXACT[be]
+        index, bits, n_nonfinite, config = merge_fn(weight, a_ops, b_ops, scales, None)
+        record = MergeRecord(
+            backend=be, config=config, lora_a=a_ops, lora_b=b_ops, scales=tuple(scales), snapshot=snapshot,
+            adapter_versions=versions, weight_ptr=weight.data_ptr(), weight_shape=tuple(weight.shape),
+            weight_stride=tuple(weight.stride()), weight_dtype=weight.dtype, weight_device=weight.device,
+            repair_index=index, repair_bits=bits, n_nonfinite=n_nonfinite,
+        )
+        record.weight_version = _version(weight)
+        if n_nonfinite and on_overflow == "raise":
+            _unmerge_apply(weight, record)
+            raise MergeOverflowError(
+                f"lora_kernels.{op}: the merged weight would have {n_nonfinite} non-finite element(s) where W was "
+                f"finite (overflow of {weight.dtype}); W was restored bit-for-bit and left unchanged. "
+                "Pass on_overflow='keep' to merge anyway (the exact unmerge still restores W)."
+            )
+    return record
+
+
+def _check_record(op: str, weight: torch.Tensor, record, backend: Optional[str]) -> None:
+    if not isinstance(record, MergeRecord):
+        raise LoRAInputError(f"lora_kernels.{op}: record must be the MergeRecord returned by merge_exact_, got {type(record).__name__}")
+    if record.consumed:
+        raise LoRAInputError(f"lora_kernels.{op}: this MergeRecord was already used by an unmerge (records are single-use)")
+    _checks.check_float(op, "weight", weight)
+    mine = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device)
+    theirs = (record.weight_ptr, record.weight_shape, record.weight_stride, record.weight_dtype, record.weight_device)
+    if mine != theirs:
+        raise LoRAInputError(
+            f"lora_kernels.{op}: the record does not belong to this weight (record: ptr={theirs[0]:#x} shape={list(theirs[1])} "
+            f"stride={list(theirs[2])} {theirs[3]} on {theirs[4]}; weight: ptr={mine[0]:#x} shape={list(mine[1])} "
+            f"stride={list(mine[2])} {mine[3]} on {mine[4]})"
+        )
+    v = _version(weight)
+    if record.weight_version is not None and v is not None and v != record.weight_version:
+        raise LoRAInputError(
+            f"lora_kernels.{op}: the weight was modified in place after merge_exact_ (version {record.weight_version} -> {v}); "
+            "the record no longer describes it (use the plain unmerge_ to subtract the adapter anyway)"
+        )
+    if not record.snapshot:
+        now = tuple(_version(t) for t in record.lora_a + record.lora_b)
+        if now != record.adapter_versions:
+            raise LoRAInputError(
+                f"lora_kernels.{op}: lora_a/lora_b changed since merge_exact_ (made with snapshot=False), so Δ cannot be "
+                "recomputed bit-for-bit; merge with snapshot=True to allow adapter updates while merged"
+            )
+    if backend is not None and backend.lower() not in ("auto", record.backend):
+        raise LoRAInputError(
+            f"lora_kernels.{op}: the record was made by the {record.backend!r} backend; the exact unmerge must replay that "
+            f"kernel to reproduce Δ bit-for-bit, not {backend!r}"
+        )
+
+
+def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
+    _, unmerge_fn = _EXACT[record.backend]
+    unmerge_fn(weight, record.lora_a, record.lora_b, list(record.scales), record.config)
+    if record.n_repairs:
+        K = weight.shape[1]
+        idx = record.repair_index.to(torch.int64)
+        weight.view(_BITS[weight.dtype])[idx // K, idx % K] = record.repair_bits
+    record.consumed = True
+
+
+def unmerge_exact_(weight: torch.Tensor, record: MergeRecord, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Undo :func:`merge_exact_` in place: W becomes bit-for-bit what it was before the merge. Returns weight.
+
+    ``record`` must come from ``merge_exact_`` on this very weight, which must not have been modified since;
+    ``backend`` (optional) must name the record's backend. All checks run before anything is written.
+    """
+    _check_record("unmerge_exact_", weight, record, backend)
+    with torch.no_grad():
+        _unmerge_apply(weight, record)
+    return weight
