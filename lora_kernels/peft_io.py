@@ -206,7 +206,7 @@ def save_peft_adapter(
         tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
         if save_biases and m.bias is not None:
-            tensors[f"{PREFIX}{p}.bias"] = m.bias.detach().contiguous().cpu()
+            tensors[f"{PREFIX}{p}.base_layer.bias"] = m.bias.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
     _safetensors().save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
