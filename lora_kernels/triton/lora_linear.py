@@ -408,11 +408,18 @@ def _lora_da_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _input_precision() -> str:
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Uninitialised output buffer (tests replace this to poison outputs before kernels write them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: "tf32" (default) or "ieee" from $LORA_KERNELS_FP32_PRECISION, for fp32
+    inputs. 16-bit inputs always pass "tf32" (it only affects their fp32 LoRA-side products)."""
     v = os.environ.get(ENV_FP32_PRECISION, "tf32").strip().lower()
     if v not in ("tf32", "ieee"):
         raise ValueError(f"${ENV_FP32_PRECISION} must be 'tf32' or 'ieee', got {v!r}")
-    return v
+    return v if dtype == torch.float32 else "tf32"
 
 
 def _mix32_host(h: int) -> int:
@@ -474,8 +481,8 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
     M, K = x.shape
     N = weight.shape[0]
     R = lora_a.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    xa = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    y = _alloc((M, N), x.dtype, x.device)
+    xa = _alloc((M, R), torch.float32, x.device)
     if M == 0:
         return y, xa
     if lora_a.dtype != x.dtype:
@@ -483,7 +490,9 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
     if lora_b.dtype != x.dtype:
         lora_b = lora_b.to(x.dtype)
     x = _safe_2d(x)
-    precision = _input_precision()
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride
+    precision = _input_precision(x.dtype)
     dropout, seed_hash, threshold, keep_scale = _dropout_args(dropout_p, seed)
     block_r = _block_r(R)
     m_bucket = _m_bucket(M)
@@ -548,7 +557,9 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
     a_op = lora_a if lora_a.dtype == dy.dtype else lora_a.to(dy.dtype)
     b_op = lora_b if lora_b.dtype == dy.dtype else lora_b.to(dy.dtype)
     dy = _safe_2d(dy)
-    precision = _input_precision()
+    if xa.dtype != torch.float32:
+        xa = xa.float()
+    precision = _input_precision(dy.dtype)
     drop_args = _dropout_args(dropout_p, seed)
     block_r = _block_r(R)
     r_chunks = triton.cdiv(R, block_r)
@@ -578,7 +589,7 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
                 BLOCK_R=block_r, INPUT_PRECISION=precision,
             )
         if need_dx:
-            dx = torch.empty((M, K), dtype=dy.dtype, device=dev)
+            dx = _alloc((M, K), dy.dtype, dev)
             if K > 0:
                 _launch_gemm(
                     dy, weight, dx, dxa, a_op, None,
