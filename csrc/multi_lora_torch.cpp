@@ -1,0 +1,152 @@
+// Torch glue of the multi-adapter kernels: implements lora_kernels::cuda_multi_lora_shrink and
+// lora_kernels::cuda_multi_lora_expand_ (schemas and fakes live in lora_kernels/ops/_library.py).
+#include <optional>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "multi_lora_kernels.h"
+#include "torch_glue.h"
+
+namespace lora_kernels {
+namespace {
+
+using glue::check_cuda;
+using glue::check_dim;
+
+// xa [M, r_max] fp32: xa[m, j] = x[m] · lora_a[adapter_ids[m], j] for j < ranks[i], else 0 (0 for ids outside [0, L)).
+at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& adapter_ids_in,
+                                  const std::optional<at::Tensor>& ranks_in) {
+  constexpr const char* op = "cuda_multi_lora_shrink";
+  const at::Device device = x_in.device();
+  check_cuda(x_in, device, op, "x");
+  check_cuda(lora_a_in, device, op, "lora_a");
+  check_cuda(adapter_ids_in, device, op, "adapter_ids");
+  check_dim(x_in, 2, op, "x", "[M, K]");
+  check_dim(lora_a_in, 3, op, "lora_a", "[L, r_max, K]");
+  check_dim(adapter_ids_in, 1, op, "adapter_ids", "[M]");
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  const int64_t L = lora_a_in.size(0), r_max = lora_a_in.size(1);
+  TORCH_CHECK(lora_a_in.size(2) == K, "lora_kernels.", op, ": lora_a must be [L, r_max, K=", K, "] to match x ",
+              x_in.sizes(), ", got ", lora_a_in.sizes());
+  TORCH_CHECK(adapter_ids_in.size(0) == M, "lora_kernels.", op, ": adapter_ids must be [M=", M, "], got ",
+              adapter_ids_in.sizes());
+  ShrinkArgs p;
+  p.x_dtype = glue::kernel_dtype(x_in, op, "x");
+  p.a_dtype = glue::kernel_dtype(lora_a_in, op, "lora_a");
+  p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
+  at::Tensor ranks;
+  if (ranks_in.has_value()) {
+    ranks = *ranks_in;
+    check_cuda(ranks, device, op, "ranks");
+    check_dim(ranks, 1, op, "ranks", "[L]");
+    TORCH_CHECK(ranks.size(0) == L, "lora_kernels.", op, ": ranks must be [L=", L, "], got ", ranks.sizes());
+    p.ranks_type = glue::index_type(ranks, op, "ranks");
+    ranks = ranks.contiguous();
+  }
+
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor xa = at::empty({M, r_max}, x_in.options().dtype(at::kFloat));
+  if (M == 0 || r_max == 0) return xa;
+  glue::check_grid(M, (r_max + 3) / 4, op);
+
+  const at::Tensor x = glue::inner_contiguous(x_in);
+  const at::Tensor lora_a = glue::inner_contiguous(lora_a_in);
+  const at::Tensor adapter_ids = adapter_ids_in.contiguous();
+  p.x = x.data_ptr();
+  p.x_stride_m = x.stride(0);
+  p.a = lora_a.data_ptr();
+  p.a_stride_l = lora_a.stride(0);
+  p.a_stride_j = lora_a.stride(1);
+  p.xa = xa.data_ptr<float>();
+  p.xa_stride_m = xa.stride(0);
+  p.adapter_ids = adapter_ids.data_ptr();
+  p.ranks = ranks.defined() ? ranks.data_ptr() : nullptr;
+  p.M = M;
+  p.K = K;
+  p.r_max = r_max;
+  p.num_adapters = L;
+  glue::check_launch(launch_multi_lora_shrink(p, glue::current_stream()), "multi_lora_shrink kernel");
+  return xa;
+}
+
+// y[m, col_offset + n] += scales[i] · Σ_{j<ranks[i]} xa[m, j] · lora_b[i, n, j] for i = adapter_ids[m] in [0, L).
+void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const at::Tensor& lora_b_in,
+                             const at::Tensor& adapter_ids_in, const at::Tensor& scales_in,
+                             const std::optional<at::Tensor>& ranks_in, int64_t col_offset) {
+  constexpr const char* op = "cuda_multi_lora_expand_";
+  const at::Device device = y.device();
+  check_cuda(y, device, op, "y");
+  check_cuda(xa_in, device, op, "xa");
+  check_cuda(lora_b_in, device, op, "lora_b");
+  check_cuda(adapter_ids_in, device, op, "adapter_ids");
+  check_cuda(scales_in, device, op, "scales");
+  check_dim(y, 2, op, "y", "[M, N_total]");
+  check_dim(xa_in, 2, op, "xa", "[M, r_max]");
+  check_dim(lora_b_in, 3, op, "lora_b", "[L, N, r_max]");
+  check_dim(adapter_ids_in, 1, op, "adapter_ids", "[M]");
+  check_dim(scales_in, 1, op, "scales", "[L]");
+  const int64_t M = y.size(0);
+  const int64_t L = lora_b_in.size(0), N = lora_b_in.size(1), r_max = lora_b_in.size(2);
+  TORCH_CHECK(xa_in.scalar_type() == at::kFloat, "lora_kernels.", op, ": xa must be float32 (the shrink output), got ",
+              xa_in.scalar_type());
+  TORCH_CHECK(xa_in.size(0) == M && xa_in.size(1) == r_max, "lora_kernels.", op, ": xa must be [M=", M, ", r_max=", r_max,
+              "] (y is ", y.sizes(), ", lora_b is ", lora_b_in.sizes(), "), got ", xa_in.sizes());
+  TORCH_CHECK(adapter_ids_in.size(0) == M, "lora_kernels.", op, ": adapter_ids must be [M=", M, "], got ",
+              adapter_ids_in.sizes());
+  TORCH_CHECK(scales_in.size(0) == L, "lora_kernels.", op, ": scales must be [L=", L, "], got ", scales_in.sizes());
+  TORCH_CHECK(scales_in.is_floating_point(), "lora_kernels.", op, ": scales must be a floating tensor, got ",
+              scales_in.scalar_type());
+  TORCH_CHECK(col_offset >= 0 && col_offset + N <= y.size(1), "lora_kernels.", op, ": columns [", col_offset, ", ",
+              col_offset + N, ") of the slice do not fit in y ", y.sizes());
+  ExpandArgs p;
+  p.y_dtype = glue::kernel_dtype(y, op, "y");
+  p.b_dtype = glue::kernel_dtype(lora_b_in, op, "lora_b");
+  p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
+  at::Tensor ranks;
+  if (ranks_in.has_value()) {
+    ranks = *ranks_in;
+    check_cuda(ranks, device, op, "ranks");
+    check_dim(ranks, 1, op, "ranks", "[L]");
+    TORCH_CHECK(ranks.size(0) == L, "lora_kernels.", op, ": ranks must be [L=", L, "], got ", ranks.sizes());
+    p.ranks_type = glue::index_type(ranks, op, "ranks");
+    ranks = ranks.contiguous();
+  }
+  if (M == 0 || N == 0 || r_max == 0) return;
+  glue::check_grid(M, (N + 127) / 128, op);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor xa = glue::inner_contiguous(xa_in);
+  const at::Tensor lora_b = lora_b_in;  // any strides (16-byte loads when the rank dim is contiguous and aligned)
+  const at::Tensor adapter_ids = adapter_ids_in.contiguous();
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  p.y = y.data_ptr();
+  p.y_stride_m = y.stride(0);
+  p.y_stride_n = y.stride(1);
+  p.xa = xa.data_ptr<float>();
+  p.xa_stride_m = xa.stride(0);
+  p.b = lora_b.data_ptr();
+  p.b_stride_l = lora_b.stride(0);
+  p.b_stride_n = lora_b.stride(1);
+  p.b_stride_j = lora_b.stride(2);
+  p.adapter_ids = adapter_ids.data_ptr();
+  p.scales = scales.data_ptr<float>();
+  p.ranks = ranks.defined() ? ranks.data_ptr() : nullptr;
+  p.M = M;
+  p.N = N;
+  p.r_max = r_max;
+  p.num_adapters = L;
+  p.col_offset = col_offset;
+  glue::check_launch(launch_multi_lora_expand(p, glue::current_stream()), "multi_lora_expand kernel");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("cuda_multi_lora_shrink", &cuda_multi_lora_shrink);
+  m.impl("cuda_multi_lora_expand_", &cuda_multi_lora_expand_);
+}
+
+}  // namespace lora_kernels
