@@ -43,6 +43,14 @@ SCHEMAS = {
     # y[m, col_offset + n] += scales[i] · Σ_j<ranks[i] xa[m, j] · lora_b[i, n, j]   for i = adapter_ids[m] >= 0
     "cuda_multi_lora_expand_": "cuda_multi_lora_expand_(Tensor(a!) y, Tensor xa, Tensor lora_b, Tensor adapter_ids, "
     "Tensor scales, Tensor? ranks, int col_offset) -> ()",
+    # lora_linear_fwd on the extension (x [M, K] 2-D): (y [M, N] x.dtype, xa [M, r] fp32)
+    "cuda_lora_linear_fwd": "cuda_lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+    "Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor)",
+    # lora_linear_bwd on the extension: (dx, dA, dB, dW0); one not asked for by output_mask is an empty [0] tensor
+    "cuda_lora_linear_bwd": "cuda_lora_linear_bwd(Tensor dy, Tensor? x, Tensor xa, Tensor weight, Tensor lora_a, "
+    "Tensor lora_b, float scale, float dropout_p, int seed, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    # drop(x) = x · keep / (1 − p) in fp32 [M, K], keep = reference.dropout_keep_mask(seed, M, K, p)
+    "cuda_lora_dropout": "cuda_lora_dropout(Tensor x, float dropout_p, int seed) -> Tensor",
     # weight[N, K] <- round(weight + Σᵢ scales[i]·lora_b[:, rs[i]:rs[i+1]]·lora_a[rs[i]:rs[i+1]]) with rs = rank_starts
     # (adapters concatenated along the rank; rank_starts int32 [n+1], scales fp32 [n], both on the device)
     "cuda_merge_": "cuda_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor rank_starts, Tensor scales) -> ()",
@@ -217,6 +225,27 @@ def _cuda_multi_lora_shrink_fake(x, lora_a, adapter_ids, ranks):
 @torch.library.register_fake("lora_kernels::cuda_multi_lora_expand_", lib=lib)
 def _cuda_multi_lora_expand_fake(y, xa, lora_b, adapter_ids, scales, ranks, col_offset):
     return None
+
+
+@torch.library.register_fake("lora_kernels::cuda_lora_linear_fwd", lib=lib)
+def _cuda_lora_linear_fwd_fake(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    xa = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
+    return y, xa
+
+
+@torch.library.register_fake("lora_kernels::cuda_lora_linear_bwd", lib=lib)
+def _cuda_lora_linear_bwd_fake(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask):
+    shapes = ((dy.shape[0], weight.shape[1]), tuple(lora_a.shape), tuple(lora_b.shape), tuple(weight.shape))
+    dtypes = (dy.dtype, lora_a.dtype, lora_b.dtype, weight.dtype)
+    return tuple(
+        dy.new_empty(shape if want else (0,), dtype=dt) for want, shape, dt in zip(output_mask, shapes, dtypes)
+    )
+
+
+@torch.library.register_fake("lora_kernels::cuda_lora_dropout", lib=lib)
+def _cuda_lora_dropout_fake(x, dropout_p, seed):
+    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("lora_kernels::cuda_merge_", lib=lib)
