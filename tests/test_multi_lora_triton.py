@@ -326,3 +326,36 @@ def test_cuda_graph_replay_with_meta_update(strategy):
         g.replay()
         torch.cuda.synchronize()
         check(dict(c, ids=new_ids), y_static, TOL[torch.float16], f"graph replay {seed}/{strategy}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark script's CPU-checkable parts
+# ----------------------------------------------------------------------------------------------
+
+
+def _bench_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_lora.py"
+    spec = importlib.util.spec_from_file_location("bench_multi_lora", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_baseline_and_floor_on_cpu(capsys):
+    bench = _bench_module()
+    case = dict(name="t", M=20, L=4, r_max=8, ranks=[8, 2, 0, 5], widths=[16, 8], K=24)
+    inp = bench.make_inputs(case, torch.float32, "cpu")
+    d = torch.float64
+    exp = add_lora_ref(inp["y0"].to(d).clone(), inp["x"].to(d), [a.to(d) for a in inp["A"]], [b.to(d) for b in inp["B"]],
+                       inp["ids"], inp["scales"].to(d), inp["ranks"])
+    y = inp["y0"].clone()
+    bench.gather_bmm_(y, inp["x"], inp["A"], inp["B"], inp["ids"], inp["scales"], inp["ranks"])  # padding is zero
+    assert_close_rel(y, exp, TOL[torch.float32], "gather_bmm baseline")
+    used = set(inp["ids"].tolist())
+    assert bench.floor_bytes(case, inp, 4) == 4 * (sum(case["ranks"][i] * (24 + 24) for i in used) + 20 * 24 + 2 * 20 * 24)
+    if not HAS_CUDA:
+        assert bench.main(["--quick"]) == 0
+        assert "no CUDA GPU" in capsys.readouterr().out
