@@ -1,0 +1,505 @@
+"""The CUDA extension (csrc/): multi-adapter shrink/expand, the LoRA linear layer, seeded dropout.
+
+CPU (always run): the cuda_* ops' schemas and fake kernels (FakeTensorMode and the meta device), the
+consistency between the C++ registrations and the Python schemas, source rules the CPU-only build relies on,
+and (with LORA_KERNELS_TEST_COMPILE=1) the nvcc/g++ compile check of .ci/compile_cuda.sh.
+GPU (marked, skipped on CPU): every cuda op against the float64 reference in fp16/bf16/fp32 over awkward
+shapes, gradients of lora_linear(backend="cuda"), bit-exact dropout masks, opcheck, CUDA-graph replay.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HAS_CUDA, TOL, assert_close_rel
+
+import lora_kernels as lk
+from lora_kernels import reference as ref
+from lora_kernels.ops import _library
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+ops = torch.ops.lora_kernels
+
+CUDA_OPS = sorted(name for name in _library.SCHEMAS if name.startswith("cuda_"))
+MY_OPS = ["cuda_multi_lora_shrink", "cuda_multi_lora_expand_", "cuda_lora_linear_fwd", "cuda_lora_linear_bwd",
+          "cuda_lora_dropout"]
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+# ------------------------------------------------------------------------------------------------
+# CPU: fake kernels, registrations, sources
+# ------------------------------------------------------------------------------------------------
+
+
+def _fake_inputs_linear(M, K, N, r, dtype, device):
+    x = torch.empty(M, K, dtype=dtype, device=device)
+    w = torch.empty(N, K, dtype=dtype, device=device)
+    a = torch.empty(r, K, dtype=dtype, device=device)
+    b = torch.empty(N, r, dtype=dtype, device=device)
+    return x, w, a, b
+
+
+@pytest.mark.parametrize("device", ["fake", "meta"])
+@pytest.mark.parametrize("M", [0, 1, 7])
+def test_fake_multi_lora_ops_shapes(device, M):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(dev):
+        L, r_max, K, N = 3, 5, 11, 13
+        x = torch.empty(M, K, dtype=torch.bfloat16, device=dev)
+        a = torch.empty(L, r_max, K, dtype=torch.float16, device=dev)
+        b = torch.empty(L, N, r_max, dtype=torch.float16, device=dev)
+        ids = torch.empty(M, dtype=torch.int32, device=dev)
+        xa = ops.cuda_multi_lora_shrink(x, a, ids, None)
+        assert xa.shape == (M, r_max) and xa.dtype == torch.float32 and xa.device == x.device
+        y = torch.empty(M, N + 4, dtype=torch.bfloat16, device=dev)
+        out = ops.cuda_multi_lora_expand_(y, xa, b, ids, torch.empty(L, device=dev), torch.empty(L, dtype=torch.int64, device=dev), 4)
+        assert out is None and y.shape == (M, N + 4)
+
+    if device == "fake":
+        with FakeTensorMode():
+            run("cpu")
+    else:
+        run("meta")
+
+
+@pytest.mark.parametrize("device", ["fake", "meta"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("mask", [(True, True, True, False), (True, False, False, False), (False, True, True, True)])
+def test_fake_lora_linear_ops_shapes(device, dtype, mask):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(dev):
+        M, K, N, r = 7, 33, 17, 4
+        x, w, a, b = _fake_inputs_linear(M, K, N, r, dtype, dev)
+        y, xa = ops.cuda_lora_linear_fwd(x, w, a, b, 0.5, None, 0.1, 3)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert xa.shape == (M, r) and xa.dtype == torch.float32
+        dy = torch.empty(M, N, dtype=dtype, device=dev)
+        grads = ops.cuda_lora_linear_bwd(dy, x, xa, w, a, b, 0.5, 0.1, 3, list(mask))
+        want = [(M, K), (r, K), (N, r), (N, K)]
+        for g, need, shape, like in zip(grads, mask, want, (dy, a, b, w)):
+            assert tuple(g.shape) == (shape if need else (0,))
+            assert g.dtype == like.dtype
+        d = ops.cuda_lora_dropout(x, 0.25, 7)
+        assert d.shape == (M, K) and d.dtype == torch.float32
+
+    if device == "fake":
+        with FakeTensorMode():
+            run("cpu")
+    else:
+        run("meta")
+
+
+def test_cuda_ops_declared_with_fakes():
+    for name in MY_OPS:
+        assert name in _library.SCHEMAS, name
+        packet = getattr(ops, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(packet.default.name(), "Meta"), f"{name} has no fake/meta kernel"
+
+
+def test_cuda_ops_have_no_cpu_kernel():
+    # The extension is the only implementation; a CPU tensor must not silently run something else.
+    x = torch.randn(2, 3)
+    with pytest.raises(NotImplementedError):
+        ops.cuda_lora_dropout(x, 0.5, 1)
+
+
+def test_cuda_launchers_are_registered():
+    assert _library.has_launcher("add_lora", "cuda")
+    assert _library.has_launcher("lora_linear", "cuda")
+
+
+def _sources():
+    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
+
+
+def test_cpp_registrations_match_python_schemas():
+    impls = {}
+    for f in sorted(CSRC.glob("*.cpp")):
+        for name in re.findall(r'm\.impl\(\s*"([A-Za-z0-9_]+)"', f.read_text()):
+            assert name not in impls, f"{name} is registered in both {impls.get(name)} and {f.name}"
+            impls[name] = f.name
+    for name, where in impls.items():
+        assert name in _library.SCHEMAS, f"{where} implements lora_kernels::{name}, which has no schema in _library.py"
+        assert name.startswith("cuda_"), f"{where} implements a non-cuda_ op {name}"
+    for name in MY_OPS:
+        assert name in impls, f"no TORCH_LIBRARY_IMPL registers {name}"
+
+
+def test_extension_sources_follow_build_rules():
+    srcs = _sources()
+    assert any(f.suffix == ".cu" for f in srcs)
+    pybind = [f.name for f in srcs if "PYBIND11_MODULE(" in f.read_text()]
+    assert pybind == ["module.cpp"], f"exactly one TU may define the Python module, found {pybind}"
+    for f in srcs:
+        text = f.read_text()
+        includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', text)
+        assert "ATen/cuda/CUDAContext.h" not in includes, f"{f.name} includes ATen/cuda/CUDAContext.h (pulls cuSPARSE)"
+        assert not any("cusparse" in i.lower() for i in includes), f"{f.name} includes cuSPARSE"
+        if f.suffix in (".cu", ".cuh") or f.name.endswith("_kernels.h") or f.name == "kernel_types.h":
+            bad = [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10", "pybind11")]
+            assert not bad, f"{f.name} must include CUDA headers only, includes {bad}"
+
+
+@pytest.mark.skipif(os.environ.get("LORA_KERNELS_TEST_COMPILE") != "1", reason="set LORA_KERNELS_TEST_COMPILE=1 (CI runs the script directly)")
+def test_compile_script_passes():
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / ".ci" / "compile_cuda.sh")], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    n_cu, n_cpp = len(list(CSRC.glob("*.cu"))), len(list(CSRC.glob("*.cpp")))
+    assert f"{n_cu + n_cpp}/{n_cu + n_cpp} compiled OK" in out, out
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the kernels against the float64 reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    ok = lk.load_extension()
+    assert ok, f"the CUDA extension did not load on a GPU machine: {lk._ext.load_failure_reason()}"
+    return True
+
+
+def _rows(M, K, dtype, layout, device="cuda"):
+    """x [M, K] with the given memory layout: contiguous, padded rows (aligned or not) or column-major."""
+    if layout == "contiguous":
+        return torch.randn(M, K, dtype=dtype, device=device)
+    if layout == "padded8":  # row stride a multiple of 8 elements (16-byte loads still allowed)
+        return torch.randn(M, K + 8, dtype=dtype, device=device)[:, :K]
+    if layout == "padded3":  # row stride breaks 16-byte alignment (scalar path)
+        return torch.randn(M, K + 3, dtype=dtype, device=device)[:, 3:]
+    if layout == "colmajor":
+        return torch.randn(K, M, dtype=dtype, device=device).t()
+    raise ValueError(layout)
+
+
+def _shrink_ref(x, a, ids, ranks):
+    """float64 [M, r_max]: x[m]·A[i, j] for j < ranks[i], i = ids[m] in [0, L); 0 elsewhere."""
+    L, r_max, _ = a.shape
+    ids64 = ids.long()
+    valid = (ids64 >= 0) & (ids64 < L)
+    safe = ids64.clamp(0, max(L - 1, 0))
+    xa = torch.einsum("mk,mjk->mj", x.double(), a.double()[safe])
+    rk = ranks.long().clamp(0, r_max)[safe] if ranks is not None else torch.full_like(safe, r_max)
+    keep = (torch.arange(r_max, device=x.device)[None, :] < rk[:, None]) & valid[:, None]
+    return xa * keep
+
+
+def _expand_ref(y, xa, b, ids, scales, ranks, col):
+    """float64 copy of y after y[m, col:col+N] += s_i · xa[m, :rank_i] · B[i, :, :rank_i]ᵀ for valid rows."""
+    L, N, r_max = b.shape
+    out = y.double().clone()
+    ids64 = ids.long()
+    valid = (ids64 >= 0) & (ids64 < L)
+    safe = ids64.clamp(0, max(L - 1, 0))
+    rk = ranks.long().clamp(0, r_max)[safe] if ranks is not None else torch.full_like(safe, r_max)
+    keep = (torch.arange(r_max, device=y.device)[None, :] < rk[:, None]).double()
+    upd = torch.einsum("mj,mnj->mn", xa.double() * keep, b.double()[safe]) * scales.double()[safe][:, None]
+    out[valid, col : col + N] += upd[valid]
+    return out
+
+
+def _ids(M, L, kind, dtype):
+    if kind == "distinct":
+        ids = torch.arange(M) % L
+    elif kind == "same":
+        ids = torch.full((M,), L - 1)
+    else:  # mixed with -1 (no adapter)
+        ids = torch.randint(-1, L, (M,))
+    return ids.to(dtype).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [0, 1, 7, 300])
+@pytest.mark.parametrize("K,r_max", [(33, 1), (64, 16), (200, 128), (4096, 16)])
+@pytest.mark.parametrize("layout", ["contiguous", "padded8", "padded3", "colmajor"])
+def test_shrink_matches_reference(ext, dtype, M, K, r_max, layout):
+    torch.manual_seed(M * 7 + K + r_max)
+    L = 4
+    x = _rows(M, K, dtype, layout)
+    a = torch.randn(L, r_max, K, dtype=dtype, device="cuda")
+    for ids_dtype, kind, ranks in [
+        (torch.int64, "distinct", None),
+        (torch.int32, "mixed", torch.tensor([r_max, max(r_max // 2, 1), 0, 1], device="cuda", dtype=torch.int32)),
+        (torch.int64, "same", torch.tensor([1, 2, 3, r_max], device="cuda")),
+    ]:
+        ids = _ids(M, L, kind, ids_dtype)
+        xa = ops.cuda_multi_lora_shrink(x, a, ids, ranks)
+        assert xa.dtype == torch.float32 and xa.shape == (M, r_max)
+        expected = _shrink_ref(x, a, ids, ranks)
+        assert_close_rel(xa, expected, TOL[torch.float32], f"shrink {dtype} {kind}")
+        assert torch.all(xa[expected == 0] == 0), "entries past the rank / for id -1 must be exactly 0"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16)])
+def test_shrink_mixed_dtypes_and_out_of_range_ids(ext, x_dtype, a_dtype):
+    torch.manual_seed(0)
+    M, K, L, r_max = 37, 72, 3, 24
+    x = torch.randn(M, K, dtype=x_dtype, device="cuda")
+    a = torch.randn(L, r_max, K, dtype=a_dtype, device="cuda")
+    ids = torch.randint(-3, L + 3, (M,), device="cuda")  # ids outside [0, L) give zero rows, never OOB reads
+    ranks = torch.tensor([r_max, 5, 9], device="cuda")
+    xa = ops.cuda_multi_lora_shrink(x, a, ids, ranks)
+    assert_close_rel(xa, _shrink_ref(x, a, ids, ranks), TOL[torch.float32], "mixed-dtype shrink")
+    bad = (ids < 0) | (ids >= L)
+    assert torch.all(xa[bad] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [0, 1, 7, 300])
+@pytest.mark.parametrize("N,r_max", [(1, 1), (37, 8), (130, 128), (515, 16), (64, 13)])
+@pytest.mark.parametrize("y_layout", ["contiguous", "colmajor"])
+def test_expand_matches_reference(ext, dtype, M, N, r_max, y_layout):
+    torch.manual_seed(M + N * 3 + r_max)
+    L, col = 5, 3
+    n_total = N + 7
+    y = _rows(M, n_total, dtype, y_layout)
+    xa = torch.randn(M, r_max, device="cuda")
+    b = torch.randn(L, N, r_max, dtype=dtype, device="cuda")
+    scales = torch.tensor([0.5, -1.25, 2.0, 0.0, 1.0], device="cuda")
+    ranks = torch.tensor([r_max, 1, max(r_max - 3, 0), r_max, 0], device="cuda", dtype=torch.int32)
+    for ids, rk in [(_ids(M, L, "mixed", torch.int64), ranks), (_ids(M, L, "distinct", torch.int32), None)]:
+        y0 = y.clone()
+        ops.cuda_multi_lora_expand_(y, xa, b, ids, scales, rk, col)
+        expected = _expand_ref(y0, xa, b, ids, scales, rk, col)
+        assert_close_rel(y, expected, TOL[dtype], f"expand {dtype}")
+        untouched = ids < 0
+        assert torch.equal(y[untouched], y0[untouched]), "rows with id -1 must be bit-identical"
+        assert torch.equal(y[:, :col], y0[:, :col]) and torch.equal(y[:, col + N :], y0[:, col + N :]), "columns outside the slice changed"
+        y = y0
+
+
+@pytest.mark.gpu
+def test_expand_strided_b_and_out_of_range_ids(ext):
+    torch.manual_seed(1)
+    M, N, L, r_max = 50, 70, 3, 12
+    y = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
+    xa = torch.randn(M, r_max, device="cuda")
+    b = torch.randn(L, r_max, N, dtype=torch.float32, device="cuda").transpose(1, 2)  # rank dim not contiguous
+    ids = torch.randint(-2, L + 2, (M,), device="cuda")
+    scales = torch.tensor([1.0, 0.5, -2.0], device="cuda", dtype=torch.float64)  # converted by the glue
+    y0 = y.clone()
+    ops.cuda_multi_lora_expand_(y, xa, b, ids, scales, None, 0)
+    assert_close_rel(y, _expand_ref(y0, xa, b, ids, scales, None, 0), TOL[torch.bfloat16], "strided B")
+    bad = (ids < 0) | (ids >= L)
+    assert torch.equal(y[bad], y0[bad])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [1, 7, 300])
+@pytest.mark.parametrize("widths,r_max", [([64], 16), ([40, 24, 24], 8), ([33, 5], 128)])
+def test_add_lora_cuda_packed_slices(ext, dtype, M, widths, r_max):
+    torch.manual_seed(M + r_max)
+    L, K = 6, 72
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    y = torch.randn(M, sum(widths), dtype=dtype, device="cuda")
+    A = [torch.randn(L, r_max, K, dtype=dtype, device="cuda") / K**0.5 for _ in widths]
+    B = [torch.randn(L, w, r_max, dtype=dtype, device="cuda") for w in widths]
+    ids = torch.randint(-1, L, (M,), device="cuda", dtype=torch.int32)
+    scales = torch.rand(L, device="cuda") + 0.5
+    ranks = torch.randint(0, r_max + 1, (L,), device="cuda")
+    expected = ref.add_lora_ref(y.double().clone(), x.double(), [a.double() for a in A], [b.double() for b in B], ids, scales.double(), ranks)
+    y0 = y.clone()
+    lk.add_lora(y, x, A, B, ids, scales, ranks, slices=widths, backend="cuda")
+    assert_close_rel(y, expected, TOL[dtype], f"add_lora cuda {dtype}")
+    assert torch.equal(y[ids < 0], y0[ids < 0])
+
+
+def _linear_inputs(M, K, N, r, dtype, bias, layout="contiguous"):
+    x = _rows(M, K, dtype, layout)
+    w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
+    a = torch.randn(r, K, dtype=dtype, device="cuda") / K**0.5
+    b = torch.randn(N, r, dtype=dtype, device="cuda") / r**0.5
+    bb = torch.randn(N, dtype=dtype, device="cuda") if bias else None
+    return x, w, a, b, bb
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [0, 1, 7, 300])
+@pytest.mark.parametrize("K,N,r", [(33, 17, 1), (64, 96, 16), (200, 77, 128)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_linear_fwd_matches_reference(ext, dtype, M, K, N, r, p):
+    torch.manual_seed(M + K + N + r)
+    for bias, layout in [(True, "contiguous"), (False, "padded3")]:
+        x, w, a, b, bb = _linear_inputs(M, K, N, r, dtype, bias, layout)
+        y, xa = ops.cuda_lora_linear_fwd(x, w, a, b, 0.75, bb, p, 1234)
+        y_ref, xa_ref = ref.lora_linear_fwd_ref(x.double(), w.double(), a.double(), b.double(), 0.75,
+                                                None if bb is None else bb.double(), p, 1234)
+        assert y.dtype == dtype and xa.dtype == torch.float32
+        assert_close_rel(xa, xa_ref, TOL[torch.float32], f"xa {dtype}")
+        assert_close_rel(y, y_ref, TOL[dtype], f"y {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [0, 1, 7, 300])
+@pytest.mark.parametrize("K,N,r", [(33, 17, 1), (64, 96, 16), (200, 77, 128)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_linear_bwd_matches_reference(ext, dtype, M, K, N, r, p):
+    torch.manual_seed(M * 3 + K + r)
+    x, w, a, b, _ = _linear_inputs(M, K, N, r, dtype, False)
+    _, xa = ops.cuda_lora_linear_fwd(x, w, a, b, 0.5, None, p, 99)
+    dy = torch.randn(M, N, dtype=dtype, device="cuda")
+    expected = ref.lora_linear_bwd_ref(dy.double(), x.double(), xa.double(), w.double(), a.double(), b.double(), 0.5, p, 99,
+                                       (True, True, True, True))
+    from lora_kernels.ops.cuda_impl import lora_linear_bwd_cuda
+
+    for mask in [(True, True, True, True), (True, False, True, False), (False, True, False, False)]:
+        got = lora_linear_bwd_cuda(dy, x, xa, w, a, b, 0.5, p, 99, mask)
+        for name, g, e, want, like in zip(("dx", "dA", "dB", "dW"), got, expected, mask, (dy, a, b, w)):
+            if not want:
+                assert g is None, name
+                continue
+            assert g.dtype == like.dtype, name
+            assert_close_rel(g, e, TOL[dtype], f"{name} {dtype} mask={mask}")
+    # LoRA-FA: x not saved, only dx and dB asked for
+    dx, da, db, dw = lora_linear_bwd_cuda(dy, None, xa, w, a, b, 0.5, p, 99, (True, False, True, False))
+    assert da is None and dw is None
+    assert_close_rel(dx, expected[0], TOL[dtype], "dx without x")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_autograd_cuda(ext, dtype, p, bias):
+    torch.manual_seed(5)
+    M0, M1, K, N, r = 3, 5, 48, 40, 8
+    x = torch.randn(M0, M1, K, dtype=dtype, device="cuda", requires_grad=True)
+    w = (torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5).requires_grad_(True)
+    a = (torch.randn(r, K, dtype=dtype, device="cuda") / K**0.5).requires_grad_(True)
+    b = (torch.randn(N, r, dtype=dtype, device="cuda") / r**0.5).requires_grad_(True)
+    bb = torch.randn(N, dtype=dtype, device="cuda", requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, a, b, bb) if t is not None]
+    y = lk.lora_linear(x, w, a, b, 0.5, bb, dropout_p=p, seed=42, backend="cuda")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    rx, rw, ra, rb = ref_leaves[:4]
+    rbb = ref_leaves[4] if bias else None
+    y_ref = ref.lora_linear_ref(rx, rw, ra, rb, 0.5, rbb, dropout_p=p, seed=42)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert_close_rel(y, y_ref, TOL[dtype], "y")
+    for name, g, e in zip(("x", "weight", "lora_a", "lora_b", "bias"), grads, ref_grads):
+        assert_close_rel(g, e, TOL[dtype], f"grad {name} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**40 + 3])
+@pytest.mark.parametrize("M,K", [(1, 1), (7, 33), (300, 257)])
+def test_dropout_mask_bit_exact(ext, p, seed, M, K):
+    x = torch.ones(M, K, dtype=torch.bfloat16, device="cuda")
+    d = ops.cuda_lora_dropout(x, p, seed)
+    keep = ref.dropout_keep_mask(seed, M, K, p, device="cuda")
+    assert torch.equal(d != 0, keep)
+    assert torch.all(d[keep] == torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    # the same mask inside the fused forward: xa with A = e_k picks column k of drop(x)
+    xr = torch.randn(M, K, dtype=torch.float32, device="cuda")
+    eye = torch.eye(K, device="cuda")
+    _, xa = ops.cuda_lora_linear_fwd(xr, torch.zeros(3, K, device="cuda"), eye, torch.zeros(3, K, device="cuda"), 1.0, None, p, seed)
+    assert torch.equal(xa != 0, keep & (xr != 0))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_ops(ext):
+    torch.manual_seed(0)
+    M, K, N, L, r = 9, 40, 24, 3, 8
+    x = torch.randn(M, K, dtype=torch.float16, device="cuda")
+    a3 = torch.randn(L, r, K, dtype=torch.float16, device="cuda")
+    b3 = torch.randn(L, N, r, dtype=torch.float16, device="cuda")
+    ids = torch.randint(-1, L, (M,), device="cuda")
+    scales = torch.rand(L, device="cuda")
+    ranks = torch.tensor([r, 3, 1], device="cuda")
+    xa = ops.cuda_multi_lora_shrink(x, a3, ids, ranks)
+    y = torch.randn(M, N + 2, dtype=torch.float16, device="cuda")
+    w = torch.randn(N, K, dtype=torch.float16, device="cuda")
+    a, b = a3[0].clone(), b3[0].clone()
+    bias = torch.randn(N, dtype=torch.float16, device="cuda")
+    _, xa1 = ops.cuda_lora_linear_fwd(x, w, a, b, 0.5, bias, 0.1, 3)
+    dy = torch.randn(M, N, dtype=torch.float16, device="cuda")
+    cases = [
+        (ops.cuda_multi_lora_shrink.default, (x, a3, ids, ranks)),
+        (ops.cuda_multi_lora_shrink.default, (x, a3, ids, None)),
+        (ops.cuda_multi_lora_expand_.default, (y, xa, b3, ids, scales, ranks, 2)),
+        (ops.cuda_lora_linear_fwd.default, (x, w, a, b, 0.5, bias, 0.1, 3)),
+        (ops.cuda_lora_linear_bwd.default, (dy, x, xa1, w, a, b, 0.5, 0.1, 3, [True, True, True, False])),
+        (ops.cuda_lora_linear_bwd.default, (dy, None, xa1, w, a, b, 0.5, 0.0, 3, [True, False, True, False])),
+        (ops.cuda_lora_dropout.default, (x, 0.3, 11)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_replay_add_lora(ext):
+    torch.manual_seed(3)
+    M, K, L, r = 16, 64, 4, 16
+    widths = [32, 16]
+    dtype = torch.bfloat16
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    A = [torch.randn(L, r, K, dtype=dtype, device="cuda") / K**0.5 for _ in widths]
+    B = [torch.randn(L, w, r, dtype=dtype, device="cuda") for w in widths]
+    ids = torch.randint(-1, L, (M,), device="cuda")
+    scales = torch.rand(L, device="cuda")
+    ranks = torch.tensor([r, 4, 1, 9], device="cuda")
+    y = torch.zeros(M, sum(widths), dtype=dtype, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (and make sure the extension is built) outside the capture
+        lk.add_lora(y, x, A, B, ids, scales, ranks, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lk.add_lora(y, x, A, B, ids, scales, ranks, backend="cuda")
+    for _ in range(2):
+        x.copy_(torch.randn(M, K, dtype=dtype, device="cuda"))
+        ids.copy_(torch.randint(-1, L, (M,), device="cuda"))
+        y0 = torch.randn(M, sum(widths), dtype=dtype, device="cuda")
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ref.add_lora_ref(y0.double(), x.double(), [t.double() for t in A], [t.double() for t in B], ids, scales.double(), ranks)
+        assert_close_rel(y, expected, TOL[dtype], "graph replay")
+
+
+@pytest.mark.gpu
+def test_glue_errors_name_the_tensor(ext):
+    x = torch.randn(4, 8, device="cuda")
+    a = torch.randn(2, 3, 8, device="cuda", dtype=torch.float64)
+    ids = torch.zeros(4, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="lora_a must be float16, bfloat16 or float32"):
+        ops.cuda_multi_lora_shrink(x, a, ids, None)
+    with pytest.raises(RuntimeError, match="adapter_ids must be int32 or int64"):
+        ops.cuda_multi_lora_shrink(x, a.float(), ids.float(), None)
+    with pytest.raises(RuntimeError, match="lora_a must be \\[L, r_max, K=8\\]"):
+        ops.cuda_multi_lora_shrink(x, torch.randn(2, 3, 9, device="cuda"), ids, None)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ops.cuda_multi_lora_shrink(x.cpu(), a.float(), ids, None)
+    y = torch.randn(4, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="do not fit in y"):
+        ops.cuda_multi_lora_expand_(y, torch.randn(4, 3, device="cuda"), torch.randn(2, 4, 3, device="cuda"), ids,
+                                    torch.ones(2, device="cuda"), None, 2)
+    with pytest.raises(RuntimeError, match="xa must be float32"):
+        ops.cuda_multi_lora_expand_(y, torch.randn(4, 3, device="cuda").half(), torch.randn(2, 4, 3, device="cuda"), ids,
+                                    torch.ones(2, device="cuda"), None, 0)
+    w = torch.randn(6, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="x is required for dA"):
+        ops.cuda_lora_linear_bwd(torch.randn(4, 6, device="cuda"), None, torch.randn(4, 2, device="cuda"), w,
+                                 torch.randn(2, 8, device="cuda"), torch.randn(6, 2, device="cuda"), 1.0, 0.0, 0,
+                                 [True, True, True, False])
