@@ -283,6 +283,18 @@ def test_opcheck_add_lora_meta(backend):
     check(c, y, TOL[torch.float32], f"add_lora_meta_/{backend}")
 
 
+def test_torch_compile_fullgraph_with_meta():
+    L = 3
+    c = make_case(20, 16, [12, 5], L, 8, torch.float32, ranks=[8, 0, 3], pattern="with_none", seed=13)
+    meta = LoRABatchMeta(c["ids"], L, block_m=16)
+
+    def f(y, x, ids):
+        return lora_kernels.add_lora(y, x, c["A"], c["B"], ids, c["scales"], c["ranks"], backend="triton", meta=meta)
+
+    y = torch.compile(f, fullgraph=True)(c["y"].clone(), c["x"], c["ids"])
+    check(c, y, TOL[torch.float32], "torch.compile + meta")
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU only: bf16, autotuned configs, CUDA graphs
 # ----------------------------------------------------------------------------------------------
