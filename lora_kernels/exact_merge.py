@@ -34,10 +34,13 @@ contraction off so this holds whatever the scheduling).
 
 Side storage (reported by :meth:`MergeRecord.nbytes` / :meth:`MergeRecord.summary`)
 -------------------------------------------------------------------------------------
-repair list: ``n_repairs × (4 + elt)`` bytes, i.e. 6 bytes per repaired bf16/fp16 element. With realistic
-adapters (|ΔW| ≈ 0.7–7 % of |W|) a few tenths of a percent to a few percent of the elements need repair
-(measured by ``tests/test_merge.py::test_repair_fraction_realistic``; see the report table there), i.e.
-about 3× that fraction in bytes relative to bf16 W. The adapter snapshot adds ``Σ rᵢ·(N + K)·elt`` bytes
+repair list: ``n_repairs × (4 + elt)`` bytes, i.e. 6 bytes per repaired bf16/fp16 element. Measured on the
+torch path (``tests/test_merge.py::test_repair_fraction_realistic``: bf16 W ~ N(0, 0.02²) [512, 768], rank-16
+ΔW with ‖ΔW‖/‖W‖ = 0.68 % / 1.94 % / 6.79 %): 0.98 % / 2.20 % / 5.69 % of the elements need repair, i.e. a
+repair list of 2.9 % / 6.6 % / 17.1 % of W's bytes. The failures are dominated by elements that the update
+pushes into a coarser binade (their merged value has half the resolution, so a bit is truly lost), which is
+why the fraction grows with |ΔW|/|W| (roughly ∝ ρ·ln(1/ρ)). A denser encoding (per-tile 16-bit local index
++ ulp offset) would cut the bytes about 3×; not done yet. The adapter snapshot adds ``Σ rᵢ·(N + K)·elt`` bytes
 (0.8 % of a 4096×4096 W at r = 16, 3.1 % at r = 64); ``snapshot=False`` drops it.
 
 Overflow (fp16 / bf16 / fp32 values whose merged value is ±inf)
