@@ -19,6 +19,10 @@ command -v "$CXX" >/dev/null || { echo "compile_cuda: $CXX not found (set CXX)" 
 shopt -s nullglob
 CU_SRCS=(csrc/*.cu)
 CPP_SRCS=(csrc/*.cpp)
+# Largest files first so the slowest compiles start early (sizes are a proxy for compile time).
+sort_by_size() { [ "$#" -gt 0 ] && ls -S -- "$@"; }
+mapfile -t CU_SRCS < <(sort_by_size "${CU_SRCS[@]}")
+mapfile -t CPP_SRCS < <(sort_by_size "${CPP_SRCS[@]}")
 if [ ${#CU_SRCS[@]} -eq 0 ] && [ ${#CPP_SRCS[@]} -eq 0 ]; then
   echo "compile_cuda: no sources under csrc/" >&2
   exit 2

@@ -65,7 +65,7 @@ void single_shrink(const at::Tensor& x_in, const at::Tensor& a_in, const at::Ten
   if (M == 0 || r == 0) return;
   glue::check_grid(M, (r + 3) / 4, op);
   const at::Tensor x = glue::inner_contiguous(x_in);
-  const at::Tensor a = glue::inner_contiguous(a_in);
+  const at::Tensor a = glue::inner_contiguous(glue::weight_for(a_in, x_in));
   ShrinkArgs p;
   p.x = x.data_ptr();
   p.x_dtype = glue::kernel_dtype(x, op, "x");
@@ -86,12 +86,13 @@ void single_shrink(const at::Tensor& x_in, const at::Tensor& a_in, const at::Ten
 }
 
 // y[m, n] = round(y[m, n] + drop(scale · Σ_j xa[m, j] · b[n, j])) for b [N, r] with any strides, xa fp32 [M, r].
-void single_expand(const at::Tensor& y, const at::Tensor& xa_in, int64_t N, int64_t r, const void* b, DType b_dtype,
-                   int64_t b_stride_n, int64_t b_stride_j, float scale, const DropoutArgs& dropout, const char* op) {
-  const int64_t M = y.size(0);
+void single_expand(const at::Tensor& y, const at::Tensor& xa_in, const at::Tensor& b_in, float scale,
+                   const DropoutArgs& dropout, const char* op) {
+  const int64_t M = y.size(0), N = b_in.size(0), r = b_in.size(1);
   if (M == 0 || N == 0 || r == 0) return;
   glue::check_grid(M, (N + 127) / 128, op);
   const at::Tensor xa = glue::inner_contiguous(xa_in);
+  const at::Tensor b = glue::weight_for(b_in, y);
   ExpandArgs p;
   p.y = y.data_ptr();
   p.y_dtype = glue::kernel_dtype(y, op, "y");
@@ -99,11 +100,11 @@ void single_expand(const at::Tensor& y, const at::Tensor& xa_in, int64_t N, int6
   p.y_stride_n = y.stride(1);
   p.xa = xa.data_ptr<float>();
   p.xa_stride_m = xa.stride(0);
-  p.b = b;
-  p.b_dtype = b_dtype;
+  p.b = b.data_ptr();
+  p.b_dtype = glue::kernel_dtype(b, op, "lora weight");
   p.b_stride_l = 0;
-  p.b_stride_n = b_stride_n;
-  p.b_stride_j = b_stride_j;
+  p.b_stride_n = b.stride(0);
+  p.b_stride_j = b.stride(1);
   p.scale = scale;
   p.M = M;
   p.N = N;
@@ -158,14 +159,13 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_linear_fwd(const at::Tensor& x, con
   }
   check_dropout_p(dropout_p, op);
   const c10::cuda::CUDAGuard guard(device);
-  const int64_t M = x.size(0), N = weight.size(0), r = lora_a.size(0);
+  const int64_t M = x.size(0), r = lora_a.size(0);
   const DropoutArgs dropout = glue::make_dropout(dropout_p, seed);
 
   at::Tensor xa = at::empty({M, r}, x.options().dtype(at::kFloat));
   single_shrink(x, lora_a, xa, 1.0f, dropout, op);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  single_expand(y, xa, N, r, lora_b.data_ptr(), glue::kernel_dtype(lora_b, op, "lora_b"), lora_b.stride(0),
-                lora_b.stride(1), static_cast<float>(scale), DropoutArgs{}, op);
+  single_expand(y, xa, lora_b, static_cast<float>(scale), DropoutArgs{}, op);
   return {y, xa};
 }
 
@@ -227,10 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
   }
   if (need_dx) {
     dx = at::mm(dy, weight);  // [M, K] in dy.dtype (cuBLAS)
-    // dx[m, k] += drop'(Σ_j dxa[m, j] · A[j, k]): an expand with "B"[k, j] = A[j, k] (b_stride_n = A.stride(1) is 1
-    // for a contiguous A, so the warp's loads of A are coalesced) and the dropout mask applied at (m, k).
-    single_expand(dx, dxa, K, r, lora_a.data_ptr(), glue::kernel_dtype(lora_a, op, "lora_a"), lora_a.stride(1),
-                  lora_a.stride(0), 1.0f, dropout, op);
+    // dx[m, k] += drop'(Σ_j dxa[m, j] · A[j, k]): an expand with "B" = Aᵀ [K, r], a view whose column stride is 1
+    // for a contiguous A, so the warp's loads of A are coalesced, and the dropout mask applied at (m, k).
+    single_expand(dx, dxa, lora_a.t(), 1.0f, dropout, op);
   }
   if (need_dw) {
     dw = at::mm(dy.t(), x).to(weight.scalar_type());

@@ -1,5 +1,6 @@
-// Multi-adapter LoRA shrink / expand (Punica BGMV-style, one token per block row), used by add_lora
-// (one adapter id per token) and by lora_linear (a single adapter: adapter_ids == nullptr).
+// Multi-adapter LoRA shrink / expand (Punica BGMV-style: GEMV per token, no sorting by adapter), used by
+// add_lora (one adapter id per token) and by lora_linear (a single adapter: adapter_ids == nullptr, where
+// blocks take 8 tokens at a time so the LoRA weights are read once per 8 tokens).
 //
 //   shrink: xa[m, j]  = out_scale · Σ_k drop(x)[m, k] · A[i, j, k]                (fp32 out, 0 past rank_i)
 //   expand: y[m, c+n] = round(y[m, c+n] + drop(scale_i · Σ_{j<rank_i} xa[m, j] · B[i, n, j]))
@@ -12,130 +13,182 @@ namespace lora_kernels {
 namespace {
 
 // ------------------------------------------------------------------------------------------------
-// Shrink. Grid (M, ceil(r_max / (kShrinkWarps · RPW))); one block = one token × (kShrinkWarps · RPW)
-// rank rows; each warp owns RPW consecutive rank rows j0 .. j0+RPW-1 and streams K with 8-element
-// (16-byte) loads of x and of the RPW rows of A, reusing each x chunk RPW times; a warp shuffle
-// reduction finishes each dot product. Reads x[m, :], A[i, j0:j0+RPW, :]; writes xa[m, j0:j0+RPW].
+// Shrink. Grid (ceil(M / T), ceil(r_max / (kShrinkWarps · RPW))); one block = T tokens × (kShrinkWarps · RPW)
+// rank rows; each warp owns RPW consecutive rank rows j0 .. j0+RPW-1 of the T tokens m0 .. m0+T-1 and streams
+// K with 8-element (16-byte) loads: each chunk of A is loaded once and reused for the T tokens, each chunk of
+// x is reused for the RPW rows; a warp shuffle reduction finishes each dot product.
+// T > 1 only for single-adapter launches (adapter_ids == nullptr), where every token uses adapter 0.
+// Reads x[m0:m0+T, :], A[i, j0:j0+RPW, :]; writes xa[m0:m0+T, j0:j0+RPW].
 // ------------------------------------------------------------------------------------------------
 constexpr int kShrinkWarps = 4;
 
-template <typename TX, typename TA, bool kVec, int kRowsPerWarp>
+template <typename TX, typename TA, bool kVec, int kRowsPerWarp, int kTokens>
 __global__ void __launch_bounds__(kShrinkWarps * kWarpSize) multi_lora_shrink_kernel(const ShrinkArgs p) {
-  const int64_t m = blockIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTokens;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t j0 = (static_cast<int64_t>(blockIdx.y) * kShrinkWarps + warp) * kRowsPerWarp;
   if (j0 >= p.r_max) return;  // warp-uniform
+  const int64_t tokens_left = p.M - m0;
+  const int n_tok = tokens_left >= kTokens ? kTokens : static_cast<int>(tokens_left);  // >= 1
 
-  const int64_t adapter = row_adapter(p.adapter_ids, p.ids_type, m);
+  const int64_t adapter = row_adapter(p.adapter_ids, p.ids_type, m0);
   const bool valid = adapter >= 0 && adapter < p.num_adapters;
   const int64_t rank = valid ? adapter_rank(p.ranks, p.ranks_type, adapter, p.r_max) : 0;
   // Rows of this warp below the adapter's rank (warp-uniform): rows r < live are computed, the rest are 0.
   const int64_t live64 = rank - j0;
   const int live = live64 <= 0 ? 0 : (live64 >= kRowsPerWarp ? kRowsPerWarp : static_cast<int>(live64));
 
-  float acc[kRowsPerWarp];
+  float acc[kTokens][kRowsPerWarp];
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
+  for (int t = 0; t < kTokens; ++t)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) acc[t][r] = 0.0f;
 
   if (live > 0) {
-    const TX* __restrict__ x = static_cast<const TX*>(p.x) + m * p.x_stride_m;
+    const TX* __restrict__ x = static_cast<const TX*>(p.x) + m0 * p.x_stride_m;
     // Only rows j0 + r with r < live are ever dereferenced, and those are < rank <= r_max.
     const TA* __restrict__ a = static_cast<const TA*>(p.a) + adapter * p.a_stride_l + j0 * p.a_stride_j;
     const bool drop = p.dropout.enabled;
-    const uint32_t row_hash = dropout_row_hash(dropout_seed_hash(p.dropout.seed), m);
+    const uint32_t seed_hash = dropout_seed_hash(p.dropout.seed);
     const uint32_t threshold = p.dropout.threshold;
     const float keep_scale = p.dropout.keep_scale;
+    uint32_t row_hash[kTokens];
+#pragma unroll
+    for (int t = 0; t < kTokens; ++t) row_hash[t] = dropout_row_hash(seed_hash, m0 + t);
 
     int64_t k_tail = 0;
     if (kVec) {
       const int64_t k_vec_end = (p.K / 8) * 8;
-#pragma unroll 2
       for (int64_t k = static_cast<int64_t>(lane) * 8; k < k_vec_end; k += kWarpSize * 8) {
-        float xv[8];
-        load8(x + k, xv);
-        if (drop) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) xv[e] = dropout_keep(row_hash, k + e, threshold) ? xv[e] * keep_scale : 0.0f;
-        }
+        float av[kRowsPerWarp][8];
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-          if (r < live) {
-            float av[8];
-            load8(a + r * p.a_stride_j + k, av);
+          if (r < live) load8(a + r * p.a_stride_j + k, av[r]);
+        }
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r] = fmaf(xv[e], av[e], acc[r]);
+        for (int t = 0; t < kTokens; ++t) {
+          if (t < n_tok) {
+            float xv[8];
+            load8(x + t * p.x_stride_m + k, xv);
+            if (drop) {
+#pragma unroll
+              for (int e = 0; e < 8; ++e) xv[e] = dropout_keep(row_hash[t], k + e, threshold) ? xv[e] * keep_scale : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r) {
+              if (r < live) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[t][r] = fmaf(xv[e], av[r][e], acc[t][r]);
+              }
+            }
           }
         }
       }
       k_tail = k_vec_end;
     }
     for (int64_t k = k_tail + lane; k < p.K; k += kWarpSize) {
-      float xv = to_float(x[k]);
-      if (drop) xv = dropout_keep(row_hash, k, threshold) ? xv * keep_scale : 0.0f;
+      float av[kRowsPerWarp];
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        if (r < live) acc[r] = fmaf(xv, to_float(a[r * p.a_stride_j + k]), acc[r]);
+      for (int r = 0; r < kRowsPerWarp; ++r) av[r] = r < live ? to_float(a[r * p.a_stride_j + k]) : 0.0f;
+#pragma unroll
+      for (int t = 0; t < kTokens; ++t) {
+        if (t < n_tok) {
+          float xv = to_float(x[t * p.x_stride_m + k]);
+          if (drop) xv = dropout_keep(row_hash[t], k, threshold) ? xv * keep_scale : 0.0f;
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) acc[t][r] = fmaf(xv, av[r], acc[t][r]);
+        }
       }
     }
   }
 
   // Every lane of the warp reaches this point (all early exits above are warp-uniform).
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = warp_sum(acc[r]);
+  for (int t = 0; t < kTokens; ++t)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) acc[t][r] = warp_sum(acc[t][r]);
 
   if (lane == 0) {
-    float* __restrict__ out = p.xa + m * p.xa_stride_m;
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t j = j0 + r;
-      if (j < p.r_max) out[j] = r < live ? acc[r] * p.out_scale : 0.0f;
+    for (int t = 0; t < kTokens; ++t) {
+      if (t < n_tok) {
+        float* __restrict__ out = p.xa + (m0 + t) * p.xa_stride_m;
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int64_t j = j0 + r;
+          if (j < p.r_max) out[j] = r < live ? acc[t][r] * p.out_scale : 0.0f;
+        }
+      }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Expand. Grid (M, ceil(N / kExpandThreads)); one thread = one output element y[m, col_offset + n]:
-// a dot product of length rank_i between xa[m, :] (fp32, the same address for the whole block, so a
-// broadcast from L1) and B[i, n, :] (16-byte loads when B's rank dim is contiguous and aligned; with
-// b_stride_n == 1 the scalar path is coalesced across the warp instead). Reads xa[m, :rank],
-// B[i, n, :rank], y[m, c+n]; writes y[m, c+n] once.
+// Expand. Grid (ceil(M / T), ceil(N / kExpandThreads)); one thread = output column n of the T tokens
+// m0 .. m0+T-1: dot products of length rank_i between xa[m, :] (fp32, the same address for the whole block,
+// so a broadcast from L1) and B[i, n, :], which is loaded once for the T tokens (16-byte loads when B's rank
+// dim is contiguous and aligned; with b_stride_n == 1 the scalar path is coalesced across the warp instead).
+// T > 1 only for single-adapter launches (adapter_ids == nullptr). Reads xa[m, :rank], B[i, n, :rank],
+// y[m, c+n]; writes each y[m, c+n] once.
 // ------------------------------------------------------------------------------------------------
 constexpr int kExpandThreads = 128;
 
-template <typename TY, typename TB, bool kVec>
+template <typename TY, typename TB, bool kVec, int kTokens>
 __global__ void __launch_bounds__(kExpandThreads) multi_lora_expand_kernel(const ExpandArgs p) {
-  const int64_t m = blockIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTokens;
   const int64_t n = static_cast<int64_t>(blockIdx.y) * kExpandThreads + threadIdx.x;
   if (n >= p.N) return;
-  const int64_t adapter = row_adapter(p.adapter_ids, p.ids_type, m);
+  const int64_t tokens_left = p.M - m0;
+  const int n_tok = tokens_left >= kTokens ? kTokens : static_cast<int>(tokens_left);  // >= 1
+  const int64_t adapter = row_adapter(p.adapter_ids, p.ids_type, m0);
   if (adapter < 0 || adapter >= p.num_adapters) return;  // no adapter: y untouched
   const int64_t rank = adapter_rank(p.ranks, p.ranks_type, adapter, p.r_max);
   if (rank == 0) return;  // y + 0 rounds back to y
 
-  const float* __restrict__ xa = p.xa + m * p.xa_stride_m;
+  const float* __restrict__ xa = p.xa + m0 * p.xa_stride_m;
   const TB* __restrict__ b = static_cast<const TB*>(p.b) + adapter * p.b_stride_l + n * p.b_stride_n;
-  float acc = 0.0f;
+  float acc[kTokens];
+#pragma unroll
+  for (int t = 0; t < kTokens; ++t) acc[t] = 0.0f;
   int64_t j = 0;
   if (kVec) {  // b_stride_j == 1
     for (; j + 8 <= rank; j += 8) {
       float bv[8];
       load8(b + j, bv);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc = fmaf(__ldg(xa + j + e), bv[e], acc);
+      for (int t = 0; t < kTokens; ++t) {
+        if (t < n_tok) {
+          const float* xa_t = xa + t * p.xa_stride_m + j;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[t] = fmaf(__ldg(xa_t + e), bv[e], acc[t]);
+        }
+      }
     }
   }
-  for (; j < rank; ++j) acc = fmaf(__ldg(xa + j), to_float(b[j * p.b_stride_j]), acc);
+  for (; j < rank; ++j) {
+    const float bj = to_float(b[j * p.b_stride_j]);
+#pragma unroll
+    for (int t = 0; t < kTokens; ++t) {
+      if (t < n_tok) acc[t] = fmaf(__ldg(xa + t * p.xa_stride_m + j), bj, acc[t]);
+    }
+  }
 
   const float s = p.scales != nullptr ? __ldg(p.scales + adapter) : p.scale;
-  float update = s * acc;
   const int64_t col = p.col_offset + n;
-  if (p.dropout.enabled) {
-    const uint32_t row_hash = dropout_row_hash(dropout_seed_hash(p.dropout.seed), m);
-    update = dropout_keep(row_hash, col, p.dropout.threshold) ? update * p.dropout.keep_scale : 0.0f;
+  const uint32_t seed_hash = dropout_seed_hash(p.dropout.seed);
+#pragma unroll
+  for (int t = 0; t < kTokens; ++t) {
+    if (t < n_tok) {
+      const int64_t m = m0 + t;
+      float update = s * acc[t];
+      if (p.dropout.enabled) {
+        update = dropout_keep(dropout_row_hash(seed_hash, m), col, p.dropout.threshold) ? update * p.dropout.keep_scale : 0.0f;
+      }
+      TY* y = static_cast<TY*>(p.y) + m * p.y_stride_m + col * p.y_stride_n;
+      *y = from_float<TY>(to_float(*y) + update);
+    }
   }
-  TY* y = static_cast<TY*>(p.y) + m * p.y_stride_m + col * p.y_stride_n;
-  *y = from_float<TY>(to_float(*y) + update);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -155,6 +208,18 @@ void dispatch_dtype(DType dt, F&& f) {
   }
 }
 
+// (activation dtype, LoRA weight dtype) pairs that are compiled: the weight has the activation's dtype or
+// is fp32 (the glue upcasts any other weight dtype to fp32, which is exact). Returns false otherwise.
+template <typename F>
+bool dispatch_pair(DType act, DType weight, F&& f) {
+  if (weight != act && weight != DType::kFloat32) return false;
+  dispatch_dtype(act, [&](auto at) {
+    if (weight == act) f(at, at);
+    else f(at, TypeTag<float>{});
+  });
+  return true;
+}
+
 inline int64_t dtype_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
 inline bool valid_dtype(DType dt) {
@@ -172,26 +237,31 @@ cudaError_t launch_multi_lora_shrink(const ShrinkArgs& p, cudaStream_t stream) {
   const int64_t xs = dtype_size(p.x_dtype), as = dtype_size(p.a_dtype);
   const bool vec = aligned16(p.x) && aligned16(p.a) && (p.x_stride_m * xs) % 16 == 0 &&
                    (p.a_stride_l * as) % 16 == 0 && (p.a_stride_j * as) % 16 == 0;
-  // Few tokens (decode): one rank row per warp, so more warps share the work; many tokens: 4 rows per
-  // warp, reusing each loaded chunk of x four times.
-  const int rows_per_warp = p.M >= 64 ? 4 : 1;
+  // Single adapter with many tokens (lora_linear): tiles of 8 tokens × 16 rank rows, so each chunk of A is
+  // loaded once per 8 tokens. Multi-adapter with many tokens: 1 token × 16 rank rows (each x chunk reused 4×).
+  // Few tokens (decode): one rank row per warp, so more warps share the work.
+  const bool many = p.M >= 64;
+  const int rows_per_warp = many ? 4 : 1;
+  const int tokens = (many && p.adapter_ids == nullptr) ? 8 : 1;
+  const int64_t grid_x = ceil_div(p.M, tokens);
   const int64_t grid_y = ceil_div(p.r_max, static_cast<int64_t>(kShrinkWarps) * rows_per_warp);
   if (grid_y > kMaxGridY) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(p.M), static_cast<unsigned>(grid_y));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
   const dim3 block(kShrinkWarps * kWarpSize);
-  dispatch_dtype(p.x_dtype, [&](auto xt) {
+  const bool ok = dispatch_pair(p.x_dtype, p.a_dtype, [&](auto xt, auto at) {
     using TX = typename decltype(xt)::type;
-    dispatch_dtype(p.a_dtype, [&](auto at) {
-      using TA = typename decltype(at)::type;
-      if (vec) {
-        if (rows_per_warp == 4) multi_lora_shrink_kernel<TX, TA, true, 4><<<grid, block, 0, stream>>>(p);
-        else multi_lora_shrink_kernel<TX, TA, true, 1><<<grid, block, 0, stream>>>(p);
-      } else {
-        if (rows_per_warp == 4) multi_lora_shrink_kernel<TX, TA, false, 4><<<grid, block, 0, stream>>>(p);
-        else multi_lora_shrink_kernel<TX, TA, false, 1><<<grid, block, 0, stream>>>(p);
-      }
-    });
+    using TA = typename decltype(at)::type;
+    if (vec) {
+      if (tokens == 8) multi_lora_shrink_kernel<TX, TA, true, 4, 8><<<grid, block, 0, stream>>>(p);
+      else if (rows_per_warp == 4) multi_lora_shrink_kernel<TX, TA, true, 4, 1><<<grid, block, 0, stream>>>(p);
+      else multi_lora_shrink_kernel<TX, TA, true, 1, 1><<<grid, block, 0, stream>>>(p);
+    } else {
+      if (tokens == 8) multi_lora_shrink_kernel<TX, TA, false, 4, 8><<<grid, block, 0, stream>>>(p);
+      else if (rows_per_warp == 4) multi_lora_shrink_kernel<TX, TA, false, 4, 1><<<grid, block, 0, stream>>>(p);
+      else multi_lora_shrink_kernel<TX, TA, false, 1, 1><<<grid, block, 0, stream>>>(p);
+    }
   });
+  if (!ok) return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 
@@ -200,18 +270,25 @@ cudaError_t launch_multi_lora_expand(const ExpandArgs& p, cudaStream_t stream) {
   if (!valid_dtype(p.y_dtype) || !valid_dtype(p.b_dtype) || p.M > kMaxGridX) return cudaErrorInvalidValue;
   const int64_t bs = dtype_size(p.b_dtype);
   const bool vec = p.b_stride_j == 1 && aligned16(p.b) && (p.b_stride_l * bs) % 16 == 0 && (p.b_stride_n * bs) % 16 == 0;
+  // Single adapter with many tokens (lora_linear): each thread handles 8 tokens, so B is read once per 8 tokens.
+  const int tokens = (p.M >= 64 && p.adapter_ids == nullptr) ? 8 : 1;
+  const int64_t grid_x = ceil_div(p.M, tokens);
   const int64_t grid_y = ceil_div(p.N, kExpandThreads);
   if (grid_y > kMaxGridY) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(p.M), static_cast<unsigned>(grid_y));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
   const dim3 block(kExpandThreads);
-  dispatch_dtype(p.y_dtype, [&](auto yt) {
+  const bool ok = dispatch_pair(p.y_dtype, p.b_dtype, [&](auto yt, auto bt) {
     using TY = typename decltype(yt)::type;
-    dispatch_dtype(p.b_dtype, [&](auto bt) {
-      using TB = typename decltype(bt)::type;
-      if (vec) multi_lora_expand_kernel<TY, TB, true><<<grid, block, 0, stream>>>(p);
-      else multi_lora_expand_kernel<TY, TB, false><<<grid, block, 0, stream>>>(p);
-    });
+    using TB = typename decltype(bt)::type;
+    if (vec) {
+      if (tokens == 8) multi_lora_expand_kernel<TY, TB, true, 8><<<grid, block, 0, stream>>>(p);
+      else multi_lora_expand_kernel<TY, TB, true, 1><<<grid, block, 0, stream>>>(p);
+    } else {
+      if (tokens == 8) multi_lora_expand_kernel<TY, TB, false, 8><<<grid, block, 0, stream>>>(p);
+      else multi_lora_expand_kernel<TY, TB, false, 1><<<grid, block, 0, stream>>>(p);
+    }
   });
+  if (!ok) return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 

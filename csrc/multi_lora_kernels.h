@@ -1,6 +1,7 @@
 // Launchers of the multi-adapter shrink / expand kernels (csrc/multi_lora.cu), callable from host C++.
 // Every pointer is a device pointer; strides are in elements; the innermost dimension named "contiguous"
-// must have stride 1. The launchers pick the vectorised path themselves when alignment allows, launch on
+// must have stride 1. The LoRA weights (A, B) must have the activation's dtype or be fp32 (other pairs return
+// cudaErrorInvalidValue; the glue upcasts them to fp32, exactly). The launchers pick the vectorised path themselves when alignment allows, launch on
 // `stream`, and return cudaGetLastError() (cudaSuccess when there is nothing to do, e.g. M == 0).
 #pragma once
 

@@ -53,7 +53,8 @@ at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora
   glue::check_grid(M, (r_max + 3) / 4, op);
 
   const at::Tensor x = glue::inner_contiguous(x_in);
-  const at::Tensor lora_a = glue::inner_contiguous(lora_a_in);
+  const at::Tensor lora_a = glue::inner_contiguous(glue::weight_for(lora_a_in, x_in));
+  p.a_dtype = glue::kernel_dtype(lora_a, op, "lora_a");
   const at::Tensor adapter_ids = adapter_ids_in.contiguous();
   p.x = x.data_ptr();
   p.x_stride_m = x.stride(0);
@@ -119,7 +120,9 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
 
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor xa = glue::inner_contiguous(xa_in);
-  const at::Tensor lora_b = lora_b_in;  // any strides (16-byte loads when the rank dim is contiguous and aligned)
+  // any strides (16-byte loads when the rank dim is contiguous and aligned)
+  const at::Tensor lora_b = glue::weight_for(lora_b_in, y);
+  p.b_dtype = glue::kernel_dtype(lora_b, op, "lora_b");
   const at::Tensor adapter_ids = adapter_ids_in.contiguous();
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   p.y = y.data_ptr();

@@ -47,6 +47,13 @@ inline at::Tensor inner_contiguous(const at::Tensor& t) {
   return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// LoRA weights enter the kernels in the activation's dtype or in fp32 (the only compiled pairs): a weight of
+// another dtype is upcast to fp32, which is exact (fp16/bf16 -> fp32).
+inline at::Tensor weight_for(const at::Tensor& weight, const at::Tensor& activation) {
+  if (weight.scalar_type() == activation.scalar_type() || weight.scalar_type() == at::kFloat) return weight;
+  return weight.to(at::kFloat);
+}
+
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "lora_kernels: launching ", what, " failed: ", cudaGetErrorString(err));
 }
