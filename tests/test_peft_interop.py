@@ -317,3 +317,18 @@ def test_patch_plain_module_without_peft_layers_is_noop():
     m = MLP()
     report = lkp.patch(m)
     assert report.num_patched == 0 and not report.skipped
+
+
+def test_e2e_bench_llama_tiny_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    from lora_kernels.benchmarking.e2e import run_model_bench
+
+    out = run_model_bench("llama-tiny", device="cpu", steps=2, warmup=0, seq=8, batch=2, backend="torch",
+                          out_json=str(tmp_path / "e2e.json"), out_png=None, verbose=False)
+    assert set(out["results"]) == {"peft", "peft+patch", "inject_lora"}
+    for res in out["results"].values():
+        assert res["tokens_per_s"] > 0 and len(res["losses"]) == 2
+        assert res["max_abs_loss_diff_vs_peft"] < 1e-4  # same init, same data, dropout 0: same training
+    assert (tmp_path / "e2e.json").is_file()
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in run_model_bench("llama-7b-layer", verbose=False)["skipped"]
