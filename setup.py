@@ -36,7 +36,7 @@ def _ext_modules():
         name="lora_kernels._C",
         sources=srcs,
         include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": _ext.nvcc_flags()},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": _ext.nvcc_flags()},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

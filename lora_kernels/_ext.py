@@ -62,7 +62,8 @@ def arch_flags(major: int, minor: int) -> List[str]:
 
 
 def nvcc_flags() -> List[str]:
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    """Our nvcc flags; the C++ standard is left to torch (c++17 on torch<=2.12, c++20 after)."""
+    return ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def _fail(reason: str) -> bool:
@@ -114,7 +115,7 @@ def load(verbose: Optional[bool] = None) -> bool:
                     cpp_extension.load(
                         name="lora_kernels_cuda",
                         sources=[str(s) for s in srcs],
-                        extra_cflags=["-O3", "-std=c++17"],
+                        extra_cflags=["-O3"],
                         extra_cuda_cflags=nvcc_flags() + arch_flags(major, minor),
                         extra_include_paths=[str(root)],
                         build_directory=str(build_dir),
