@@ -54,7 +54,7 @@ if [ ! -f "$TORCH_INC_ROOT/c10/cuda/impl/cuda_cmake_macros.h" ]; then
 fi
 
 # Same defines torch.utils.cpp_extension passes to nvcc (no implicit half/bf16 conversions or operators).
-NVCC_FLAGS=(-std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -Icsrc
+NVCC_FLAGS=(-std=c++17 -O3 --expt-relaxed-constexpr -Icsrc
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__
   -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a)
