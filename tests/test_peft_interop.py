@@ -332,3 +332,67 @@ def test_e2e_bench_llama_tiny_smoke(tmp_path):
     assert (tmp_path / "e2e.json").is_file()
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in run_model_bench("llama-7b-layer", verbose=False)["skipped"]
+
+
+def test_bf16_base_with_fp32_adapters(fused_calls):
+    """PEFT's default keeps adapters in fp32 over a bf16 base; the fused path casts them to bf16 (within bf16 tolerance)."""
+    torch.manual_seed(0)
+    ref = get_peft_model(MLP().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "proj", "fc2"], init_lora_weights=False))
+    assert ref.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
+    pat = copy.deepcopy(ref)
+    lkp.patch(pat, backend="torch")
+    x = torch.randn(9, 24, dtype=torch.bfloat16)
+    y_ref, y_pat = ref(x), pat(x)
+    assert y_pat.dtype == torch.bfloat16 and len(fused_calls) == 3
+    assert_close_rel(y_pat, y_ref, TOL[torch.bfloat16], "bf16 output")
+    y_ref.float().square().sum().backward()
+    y_pat.float().square().sum().backward()
+    g_ref, g_pat = _lora_grads(ref), _lora_grads(pat)
+    for n in g_ref:
+        assert g_pat[n].dtype == torch.float32
+        assert_close_rel(g_pat[n], g_ref[n], 2 * TOL[torch.bfloat16], n)
+
+
+def test_mixed_adapter_batch_falls_back(fused_calls):
+    ref = _mlp_peft()
+    ref.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "proj", "fc2"], init_lora_weights=False))
+    pat = copy.deepcopy(ref)
+    lkp.patch(pat, backend="torch")
+    x = torch.randn(3, 24)
+    names = ["default", "other", "__base__"]
+    ref.eval()
+    pat.eval()
+    with torch.no_grad():
+        assert_close_rel(pat(x, adapter_names=names), ref(x, adapter_names=names), FP32, "mixed batch")
+    assert not fused_calls
+
+
+def test_deepcopy_of_patched_model_is_independent(fused_calls):
+    pat = _mlp_peft()
+    lkp.patch(pat, backend="torch")
+    twin = copy.deepcopy(pat)
+    assert all(lkp.is_patched(m) for m in twin.modules() if isinstance(m, peft_lora.Linear))
+    fc1 = twin.base_model.model.fc1
+    assert fc1.forward.__self__ is fc1  # bound to the copy, not the original
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        assert torch.equal(twin(x), pat(x))
+    assert len(fused_calls) == 6
+    lkp.unpatch(twin)
+    assert all(lkp.is_patched(m) for m in pat.modules() if isinstance(m, peft_lora.Linear))
+
+
+@pytest.mark.gpu
+def test_tiny_llama_bf16_cuda_matches_peft():
+    ref = _tiny_llama_peft().to("cuda", torch.bfloat16)  # adapters bf16 too: same dtype as the base
+    pat = copy.deepcopy(ref)
+    report = lkp.patch(pat)  # auto backend: the CUDA extension or Triton
+    assert report.num_patched == 14
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    out_ref, out_pat = ref(input_ids=ids, labels=ids), pat(input_ids=ids, labels=ids)
+    assert_close_rel(out_pat.logits, out_ref.logits, TOL[torch.bfloat16], "bf16 logits")
+    out_ref.loss.backward()
+    out_pat.loss.backward()
+    g_ref, g_pat = _lora_grads(ref), _lora_grads(pat)
+    for n in g_ref:
+        assert_close_rel(g_pat[n], g_ref[n], 3 * TOL[torch.bfloat16], n)
