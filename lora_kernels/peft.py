@@ -103,6 +103,8 @@ def _module_reason(mod) -> Optional[str]:
     lora_layer = _peft_lora()
     if type(mod) is not lora_layer.Linear:
         return f"{type(mod).__module__}.{type(mod).__name__} (quantized or non-Linear LoRA layer) is not fused"
+    if hasattr(mod, "_hf_hook"):
+        return "LoRA layer with an accelerate hook (offloading / device alignment) is not fused"
     if getattr(mod, "fan_in_fan_out", False):
         return "fan_in_fan_out=True is not fused"
     base = mod.get_base_layer()
