@@ -170,7 +170,8 @@ def run_model_bench(
         steps: measured steps (default 20 on CUDA, 5 on the CPU); ``warmup`` steps before (default 3 / 1).
         seq, batch: default 64×8 (llama-tiny) or 2048×1 (llama-7b-layer); CPU llama-tiny defaults to 32×4.
         dtype: default bf16 on CUDA, fp32 on the CPU ("bf16" | "fp16" | "fp32" or a torch dtype).
-        layers: decoder layers (default 2 for llama-tiny, 4 for llama-7b-layer: ~7 GB of bf16 weights+state).
+        layers: decoder layers (default 2 for llama-tiny; 4 for llama-7b-layer, i.e. 0.8 B bf16 weights =
+            1.6 GB, plus activations for seq 2048 — estimated to fit well within 80 GB, not yet measured).
         variants: any of "peft", "peft+patch", "inject_lora" (the peft variant is the baseline for ratios).
         dropout: LoRA dropout for every variant (parity across variants is only statistical when > 0).
         backend: lora_kernels backend for the patched / injected layers (None: auto).
