@@ -32,12 +32,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
 import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from lora_kernels.benchmarking.core import make_timer, versions
 
 ALL_VARIANTS = ("floor", "torch", "triton", "cuda", "peft")
 MODES = ("fwd", "fwd+bwd")
@@ -80,27 +80,7 @@ def useful_flops(M: int, K: int, N: int, r: int, mode: str, lora: bool) -> float
 
 
 def _timer():
-    try:
-        from triton.testing import do_bench
-
-        # median in ms -> µs; do_bench flushes L2 between repetitions
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
-    except ImportError:  # pragma: no cover - triton missing: CUDA events
-        def cuda_events(fn, reps=30):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e) * 1e3)
-            return statistics.median(times)
-
-        return cuda_events
+    return make_timer("cuda")
 
 
 def _peak_mem_bytes(fn: Callable[[], object]) -> Optional[int]:
@@ -279,19 +259,7 @@ def print_table(rows: List[dict]) -> None:
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("triton", "peft"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    try:
-        import lora_kernels
-
-        out["lora_kernels"] = lora_kernels.__version__
-    except Exception:  # noqa: BLE001
-        out["lora_kernels"] = None
-    return out
+    return versions("peft")
 
 
 def main(argv=None) -> int:

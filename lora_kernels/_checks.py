@@ -95,7 +95,7 @@ def check_lora_linear(
     scale = check_scale(op, scale)
     check_same_device(op, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     if x.dim() < 1:
-        _fail(op, f"x must have shape [..., K], got a 0-d tensor")
+        _fail(op, "x must have shape [..., K], got a 0-d tensor")
     if weight.dim() != 2:
         _fail(op, f"weight must be 2-D [N, K] (nn.Linear layout), got shape {_shape(weight)}")
     N, K = weight.shape

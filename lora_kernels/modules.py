@@ -16,7 +16,7 @@ from torch import nn
 
 from ._checks import LoRAInputError
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
-from .functional import lora_linear, merge_, unmerge_
+from .functional import lora_linear, unmerge_
 from .reference import lora_scale
 
 

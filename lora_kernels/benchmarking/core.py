@@ -50,13 +50,15 @@ class Case:
     floor_name: str = ""
 
 
-def _timer(device: str):
+def make_timer(device: str):
+    """``fn -> median µs``: ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed, after warm-up),
+    CUDA events if Triton is missing, wall-clock medians on the CPU. Shared by every benchmark script."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
 
             return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
-        except Exception:
+        except ImportError:
             def cuda_events(fn, reps=50):
                 for _ in range(5):
                     fn()
@@ -173,7 +175,7 @@ def run(device: Optional[str] = None, full: bool = False, backends=None, out_jso
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     backends = tuple(backends) if backends else (BACKENDS if device == "cuda" else ("torch",))
-    time_fn = _timer(device)
+    time_fn = make_timer(device)
     peak = _peak_tflops(device)
     cases = build_cases(device, dtype, full)
     total = sum(1 + len(backends) for _ in cases)
@@ -209,7 +211,7 @@ def run(device: Optional[str] = None, full: bool = False, backends=None, out_jso
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
         "dtype": str(dtype),
-        "versions": _versions(),
+        "versions": versions(),
         "timer": "triton.testing.do_bench median (CUDA events)" if device == "cuda" else "wall-clock median of 7",
         "rows": [asdict(r) for r in rows],
     }
@@ -222,14 +224,15 @@ def run(device: Optional[str] = None, full: bool = False, backends=None, out_jso
     return result
 
 
-def _versions() -> dict:
-    v = {"torch": torch.__version__, "cuda": torch.version.cuda, "lora_kernels": lk.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except Exception:
-        v["triton"] = None
+def versions(*extra: str) -> dict:
+    """Versions for a benchmark's JSON: python, torch, CUDA, triton, lora_kernels, plus ``extra`` modules."""
+    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "lora_kernels": lk.__version__}
+    for mod in ("triton",) + extra:
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:
+            v[mod] = None
     return v
 
 

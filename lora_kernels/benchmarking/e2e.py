@@ -53,16 +53,9 @@ _PRESETS = {
 
 
 def _versions() -> Dict[str, Optional[str]]:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("triton", "peft", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:
-            out[name] = None
-    import lora_kernels
+    from .core import versions
 
-    out["lora_kernels"] = lora_kernels.__version__
-    return out
+    return versions("peft", "transformers")
 
 
 def _sync(device: torch.device) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import List, Optional, Sequence
+
 
 import torch
 

@@ -11,6 +11,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ._operands import concat_adapters
+
 # Must match kTileN / kTileK in csrc/merge.cu (the Python side sizes the overflow-tile buffer with them).
 TILE_N = 32
 TILE_K = 128
@@ -26,28 +28,11 @@ def has_exact_kernel() -> bool:
         return False
 
 
-def _operands(weight: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales):
-    """(A [R, K], B [N, R], rank_starts int32 [n+1], scales fp32 [n]); one adapter is passed without a copy."""
-    dts = {t.dtype for t in list(lora_a) + list(lora_b)}
-    common = dts.pop() if len(dts) == 1 else torch.float32
-    if len(lora_a) == 1:
-        a, b = lora_a[0].to(common), lora_b[0].to(common)
-    else:
-        a = torch.cat([t.to(common) for t in lora_a], dim=0)
-        b = torch.cat([t.to(common) for t in lora_b], dim=1)
-    starts = [0]
-    for t in lora_a:
-        starts.append(starts[-1] + t.shape[0])
-    rank_starts = torch.tensor(starts, dtype=torch.int32, device=weight.device)
-    scale_t = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=weight.device)
-    return a, b, rank_starts, scale_t
-
-
 def merge_cuda(weight, lora_a, lora_b, scales) -> None:
     """In place ``W ← round(W + Σᵢ sᵢ·Bᵢ·Aᵢ)`` with the fused CUDA kernel (fp32 on chip, rounded once)."""
     if weight.numel() == 0:
         return
-    a, b, rank_starts, scale_t = _operands(weight, lora_a, lora_b, scales)
+    a, b, rank_starts, scale_t = concat_adapters(weight, lora_a, lora_b, scales)
     torch.ops.lora_kernels.cuda_merge_(weight, a, b, rank_starts, scale_t)
 
 
@@ -60,7 +45,7 @@ def merge_exact_cuda(weight, lora_a, lora_b, scales, capacity=None) -> Tuple[tor
     bits_dtype = _BITS_DTYPE[weight.dtype]
     if numel == 0:
         return torch.empty(0, dtype=idx_dtype, device=dev), torch.empty(0, dtype=bits_dtype, device=dev), 0, None
-    a, b, rank_starts, scale_t = _operands(weight, lora_a, lora_b, scales)
+    a, b, rank_starts, scale_t = concat_adapters(weight, lora_a, lora_b, scales)
     n_tiles = -(-N // TILE_N) * -(-K // TILE_K)
     capacity = capacity or max(4096, numel // 32)
     counters = torch.zeros(4, dtype=torch.int32, device=dev)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._operands import concat_adapters
+
 # Rank chunk fed to one tl.dot (tl.dot needs every dim >= 16); ranks are masked, never padded.
 BLOCK_R = 16
 
@@ -162,18 +164,10 @@ def prepare_adapters(
     One adapter is passed as is (any strides, no copy). Several are concatenated along the rank in one
     common dtype (fp32 if they differ), so the kernel walks all of them in one pass.
     """
-    dts = {t.dtype for t in list(lora_a) + list(lora_b)}
-    common = dts.pop() if len(dts) == 1 else torch.float32
     if len(lora_a) == 1:
+        common = lora_a[0].dtype if lora_a[0].dtype == lora_b[0].dtype else torch.float32
         return lora_a[0].to(common), lora_b[0].to(common), None, None
-    a_cat = torch.cat([a.to(common) for a in lora_a], dim=0)
-    b_cat = torch.cat([b.to(common) for b in lora_b], dim=1)
-    starts = [0]
-    for a in lora_a:
-        starts.append(starts[-1] + a.shape[0])
-    rank_starts = torch.tensor(starts, dtype=torch.int32, device=weight.device)
-    scale_t = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=weight.device)
-    return a_cat, b_cat, rank_starts, scale_t
+    return concat_adapters(weight, lora_a, lora_b, scales)
 
 
 def _launch(weight, lora_a, lora_b, scales, config, grid, exact=None, tile_ids=None):
