@@ -21,7 +21,7 @@ TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 def _draw_seed() -> int:
     """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return torch.randint(0, 2**31 - 1, (1,)).item()
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -104,8 +104,11 @@ def lora_linear(
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
-    seed = int(seed or 0) & 0x7FFFFFFFFFFFFFFF
+        seed = _draw_seed()  # already in [0, 2^31); under torch.compile an unbacked SymInt: no guards on it
+    elif seed is None:
+        seed = 0
+    else:
+        seed = int(seed) & 0x7FFFFFFFFFFFFFFF
     be = resolve_backend("lora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
     if ac is not None:
         with torch.autocast(ac, enabled=False):

@@ -25,10 +25,10 @@ lib = torch.library.Library("lora_kernels", "DEF")
 SCHEMAS = {
     # y [M, N] (x.dtype), xa [M, r] (fp32; fp64 for fp64 inputs)
     "lora_linear_fwd": "lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
-    "Tensor? bias, float dropout_p, int seed, str backend) -> (Tensor, Tensor)",
+    "Tensor? bias, float dropout_p, SymInt seed, str backend) -> (Tensor, Tensor)",
     # (dx, dA, dB, dW0); a gradient not asked for by output_mask comes back as an empty tensor
     "lora_linear_bwd": "lora_linear_bwd(Tensor dy, Tensor? x, Tensor xa, Tensor weight, Tensor lora_a, "
-    "Tensor lora_b, float scale, float dropout_p, int seed, bool[] output_mask, str backend) "
+    "Tensor lora_b, float scale, float dropout_p, SymInt seed, bool[] output_mask, str backend) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     "add_lora_": "add_lora_(Tensor(a!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor adapter_ids, "
     "Tensor scales, Tensor? ranks, str backend) -> ()",
