@@ -70,7 +70,7 @@ def run(args) -> dict:
             continue
         backends.append(be)
     rows = []
-    for N, K in SHAPES:
+    for N, K in (SHAPES[:1] if args.quick else SHAPES):
         for r in args.ranks:
             g = torch.Generator(device="cuda").manual_seed(0)
             W = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--backends", nargs="+", default=["triton", "cuda"])
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="only the 4096×4096 weight")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_merge: no CUDA GPU visible; nothing measured (run this on an H100/A100).")
