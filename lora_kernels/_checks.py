@@ -183,14 +183,22 @@ def check_add_lora(
     tensors.update({f"lora_b[{s}]": b for s, b in enumerate(lora_b)})
     check_same_device(op, **tensors)
     if data_checks_enabled(x):
+        # One device->host read for all value checks: [ids min, ids max, all scales finite, ranks min, ranks max].
+        stats = [torch.isfinite(scales).all().to(torch.int64)]
         if M > 0:
-            lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+            stats += [adapter_ids.min().to(torch.int64), adapter_ids.max().to(torch.int64)]
+        if ranks is not None and L > 0:
+            stats += [ranks.min().to(torch.int64), ranks.max().to(torch.int64)]
+        vals = torch.stack(stats).tolist()
+        finite, rest = vals[0], vals[1:]
+        if M > 0:
+            lo, hi, rest = rest[0], rest[1], rest[2:]
             if lo < -1 or hi >= L:
                 _fail(op, f"adapter id out of range: ids must be in [-1, L={L}), got min {lo}, max {hi}")
-        if not bool(torch.isfinite(scales).all()):
+        if not finite:
             _fail(op, f"scales must be finite, got {scales.tolist() if L <= 16 else 'non-finite values'}")
-        if ranks is not None and L > 0:
-            rlo, rhi = int(ranks.min()), int(ranks.max())
+        if rest:
+            rlo, rhi = rest
             if rlo < 0 or rhi > r_max:
                 _fail(op, f"ranks must be in [0, r_max={r_max}], got min {rlo}, max {rhi}")
 
