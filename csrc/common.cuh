@@ -112,11 +112,12 @@ __host__ __device__ __forceinline__ uint32_t mix32(uint32_t h) {
 __host__ __device__ __forceinline__ uint32_t dropout_seed_hash(uint32_t seed) { return mix32(seed); }
 
 // Per-row hash mix32(row + seed_hash); row is the row of x flattened to [M, K] (low 32 bits, like the reference).
-__device__ __forceinline__ uint32_t dropout_row_hash(uint32_t seed_hash, int64_t row) {
+// (__host__ too, so tests/test_cuda_ext.py can check the mask against the reference on a CPU-only machine.)
+__host__ __device__ __forceinline__ uint32_t dropout_row_hash(uint32_t seed_hash, int64_t row) {
   return mix32(static_cast<uint32_t>(row) + seed_hash);
 }
 
-__device__ __forceinline__ bool dropout_keep(uint32_t row_hash, int64_t col, uint32_t threshold) {
+__host__ __device__ __forceinline__ bool dropout_keep(uint32_t row_hash, int64_t col, uint32_t threshold) {
   return (mix32(row_hash + static_cast<uint32_t>(col)) >> 8) >= threshold;
 }
 

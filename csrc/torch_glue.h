@@ -64,15 +64,7 @@ inline void check_grid(int64_t rows, int64_t tiles, const char* op) {
   TORCH_CHECK(tiles <= 65535, "lora_kernels.", op, ": the output is too wide for one launch (", tiles, " tiles > 65535)");
 }
 
-inline DropoutArgs make_dropout(double p, int64_t seed) {
-  DropoutArgs d;
-  d.enabled = p > 0.0;
-  d.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffULL);
-  // round(p * 2^24) with ties to even, like Python's round() in reference.dropout_threshold (p * 2^24 is exact).
-  d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
-  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
-  return d;
-}
+inline DropoutArgs make_dropout(double p, int64_t seed) { return make_dropout_args(p, seed); }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

@@ -156,6 +156,82 @@ def test_compile_script_passes():
     assert f"{n_cu + n_cpp}/{n_cu + n_cpp} compiled OK" in out, out
 
 
+_DROPOUT_HOST_PROGRAM = r"""
+// Host-only use of the kernels' dropout code: csrc/kernel_types.h make_dropout_args (what the glue passes to
+// every kernel) and csrc/common.cuh dropout_seed_hash / dropout_row_hash / dropout_keep (what the kernels run).
+#include <cstdio>
+#include <cstring>
+#include "common.cuh"
+using namespace lora_kernels;
+int main() {  // stdin: "seed p row0 rows cols" per case; stdout: "threshold keep_scale_bits enabled" + one 0/1 row each
+  long long seed, row0, rows, cols;
+  double p;
+  while (std::scanf("%lld %lf %lld %lld %lld", &seed, &p, &row0, &rows, &cols) == 5) {
+    const DropoutArgs d = make_dropout_args(p, seed);
+    uint32_t bits;
+    std::memcpy(&bits, &d.keep_scale, 4);
+    std::printf("%u %u %d\n", d.threshold, bits, d.enabled ? 1 : 0);
+    const uint32_t seed_hash = dropout_seed_hash(d.seed);
+    for (long long r = row0; r < row0 + rows; ++r) {
+      const uint32_t row_hash = dropout_row_hash(seed_hash, r);
+      for (long long c = 0; c < cols; ++c) std::putchar(dropout_keep(row_hash, c, d.threshold) ? '1' : '0');
+      std::putchar('\n');
+    }
+  }
+  return 0;
+}
+"""
+
+
+def _host_keep_rows(seed, p, row0, rows, cols):
+    """reference.dropout_keep_mask for rows row0 .. row0+rows-1 (the reference's own hash, any row offset)."""
+    seed_h = ref._mix32(torch.tensor(int(seed) & ref._M32, dtype=torch.int64))
+    m = torch.arange(row0, row0 + rows, dtype=torch.int64)
+    k = torch.arange(cols, dtype=torch.int64)
+    h = ref._mix32(ref._mix32(m + seed_h)[:, None] + k[None, :])
+    return (h >> (32 - ref.DROPOUT_HASH_BITS)) >= ref.dropout_threshold(p)
+
+
+def test_dropout_host_code_matches_reference(tmp_path):
+    """The kernels' dropout (hash, seed truncation, threshold with ties to even, 1/(1-p) in fp32) vs the reference,
+    compiled for the host with nvcc: runs on a CPU-only machine."""
+    import shutil
+    import struct
+
+    nvcc = os.environ.get("NVCC", "nvcc")
+    if shutil.which(nvcc) is None:
+        pytest.skip("nvcc not found")
+    src = tmp_path / "dropout_host.cu"
+    src.write_text(_DROPOUT_HOST_PROGRAM)
+    exe = tmp_path / "dropout_host"
+    proc = subprocess.run([nvcc, "-std=c++17", f"-I{CSRC}", str(src), "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = [
+        (0, 0.1, 0, 9, 33), (7, 0.5, 0, 5, 70), (2**31 - 1, 0.9, 0, 4, 17), (2**40 + 3, 0.3, 0, 6, 40),
+        (-5, 0.25, 0, 3, 64), (2**32 - 1, 0.75, 0, 3, 19), (-(2**63), 0.999, 0, 2, 50), (2**63 - 1, 0.01, 0, 2, 50),
+        (11, 1e-9, 0, 2, 16),  # threshold 0: every element kept, still scaled
+        (12, 2.5 / 2**24, 0, 2, 8), (13, 3.5 / 2**24, 0, 2, 8), (14, 0.5 + 0.5 / 2**24, 0, 2, 8),  # exact ties
+        (15, 0.4, 2**32 - 2, 5, 20), (16, 0.6, 2**40 + 7, 3, 20),  # rows past 2^32 wrap like the reference
+        (17, 0.0, 0, 2, 8),  # disabled
+    ]
+    stdin = "".join(f"{s} {p!r} {r0} {rows} {cols}\n" for s, p, r0, rows, cols in cases)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+    pos = 0
+    for seed, p, row0, rows, cols in cases:
+        thr, scale_bits, enabled = (int(v) for v in out[pos].split())
+        what = f"seed={seed} p={p!r}"
+        assert thr == ref.dropout_threshold(p), what
+        assert enabled == (p > 0.0), what
+        assert struct.unpack("<f", struct.pack("<I", scale_bits))[0] == torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item(), what
+        got = torch.tensor([[c == "1" for c in line] for line in out[pos + 1 : pos + 1 + rows]])
+        pos += 1 + rows
+        assert got.shape == (rows, cols), what
+        assert torch.equal(got, _host_keep_rows(seed, p, row0, rows, cols)), what
+        if row0 == 0:
+            assert torch.equal(got, ref.dropout_keep_mask(seed, rows, cols, p)), what
+    assert pos == len(out)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: the kernels against the float64 reference
 # ------------------------------------------------------------------------------------------------
