@@ -90,8 +90,9 @@ void cuda_merge_exact_(const at::Tensor& weight, const at::Tensor& lora_a, const
               op, ": counters must be a contiguous int32 tensor of 4 zeros");
   TORCH_CHECK(repair_index.is_contiguous() && (repair_index.scalar_type() == at::kInt || repair_index.scalar_type() == at::kLong),
               "lora_kernels.", op, ": repair_index must be a contiguous int32 or int64 tensor");
-  TORCH_CHECK(repair_index.scalar_type() == at::kLong || weight.numel() < 2147483647LL, "lora_kernels.", op,
-              ": weight has 2^31 elements or more: repair_index must be int64");
+  // int32 holds every logical index n*K + k <= numel - 1 while numel <= 2^31 (ops/cuda_merge.py picks int32 below 2^31).
+  TORCH_CHECK(repair_index.scalar_type() == at::kLong || weight.numel() <= 2147483648LL, "lora_kernels.", op,
+              ": weight has more than 2^31 elements: repair_index must be int64");
   const auto bits_type = weight.scalar_type() == at::kFloat ? at::kInt : at::kShort;
   TORCH_CHECK(repair_bits.is_contiguous() && repair_bits.scalar_type() == bits_type, "lora_kernels.", op,
               ": repair_bits must be a contiguous ", bits_type, " tensor for a ", weight.scalar_type(), " weight");
