@@ -3,6 +3,7 @@
 #include <optional>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -100,8 +101,11 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
   TORCH_CHECK(scales_in.size(0) == L, "lora_kernels.", op, ": scales must be [L=", L, "], got ", scales_in.sizes());
   TORCH_CHECK(scales_in.is_floating_point(), "lora_kernels.", op, ": scales must be a floating tensor, got ",
               scales_in.scalar_type());
-  TORCH_CHECK(col_offset >= 0 && col_offset + N <= y.size(1), "lora_kernels.", op, ": columns [", col_offset, ", ",
-              col_offset + N, ") of the slice do not fit in y ", y.sizes());
+  TORCH_CHECK(col_offset >= 0 && N <= y.size(1) && col_offset <= y.size(1) - N, "lora_kernels.", op, ": columns [",
+              col_offset, ", ", col_offset, " + ", N, ") of the slice do not fit in y ", y.sizes());
+  // Each y element is read-modified-written by one thread: elements sharing memory (a stride-0 / expanded y)
+  // would race on the GPU, where the reference's copy_ raises.
+  at::assert_no_internal_overlap(y);
   ExpandArgs p;
   p.y_dtype = glue::kernel_dtype(y, op, "y");
   p.b_dtype = glue::kernel_dtype(lora_b_in, op, "lora_b");
