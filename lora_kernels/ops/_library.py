@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-
 import torch
 
 from .. import reference as ref
