@@ -80,6 +80,7 @@ def _gemm_configs():
         (64, 128, 64, 8, 4, 4),  # small M (decode / short prefill)
         (32, 64, 64, 8, 4, 5),  # small M
         (16, 128, 128, 8, 4, 4),  # M <= 16
+        (32, 64, 64, 8, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
@@ -97,6 +98,7 @@ def _shrink_configs():
         (64, 64, 4, 4),
         (32, 128, 4, 4),
         (16, 256, 4, 3),
+        (32, 64, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in specs]
 
@@ -112,6 +114,7 @@ def _dy_configs():
         (64, 128, 4, 4),
         (32, 128, 4, 4),
         (16, 256, 4, 3),
+        (16, 64, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
 
