@@ -15,16 +15,19 @@ launch (16-aligned pointers and sizes, unit inner strides), plus one ragged laun
 non-unit strides). The subprocess reports JSON: per compile OK/error, shared memory (bytes), registers and spills
 (parsed from the ptxas ``-v`` log).
 
-Matrix (default, CI; ~60-80 s on 2 cores):
-  * every kernel x {bf16, fp16, fp32} x {sm_90, sm_80} x the constexpr variants the launchers use (bias on/off,
-    dropout on/off, backward compute flags, EPI_LOW, tf32 / ieee for fp32, rank tiles 16 and 128, mixed adapter
-    dtypes, HAS_RANKS, exact/multi merge, SGMV block_m 16/64/128) on two configs per autotuned kernel: the first
-    of its list (the heavy Hopper tile) and the one the ``_prune_by_m`` fallback keeps (smallest BLOCK_M);
-  * the full autotune config list of every kernel for bf16 on sm_90 (main variant);
-  * every ``MERGE_CONFIGS`` entry for every dtype on both targets (the merge is not autotuned: ``pick_config``
-    can return any of them, so each must compile and fit).
-``LORA_KERNELS_COMPILE_FULL=1`` compiles the full config list for every dtype, target and variant (several
-minutes; run it after changing a config list).
+Matrix levels (env ``LORA_KERNELS_COMPILE_LEVEL``, or ``--level`` of the script):
+  * ``ci`` (default; ~120 compiles, ~55 s on 2 cores): every kernel x {bf16, fp16, fp32} x {sm_90, sm_80} on a
+    representative config (lora_linear: the smallest-BLOCK_M config, the one a decode-sized M can be left with;
+    others: the first of the list); for bf16 on sm_90 every constexpr variant the launchers use (bias on/off,
+    dropout on/off, backward compute flags, rank tiles 16 and 128, mixed adapter dtype, HAS_RANKS, int32/int64
+    ids and ranks, SGMV block_m 16/64/128, exact/multi/tile-list merge, int64 repair index), a ragged launch, and
+    the FULL autotune config list of every kernel; for fp32 on sm_80 (largest elements, smallest shared memory)
+    the small-M configs of lora_linear (rank tiles 16 and 128) and every merge config.
+  * ``wide`` (~235 compiles, ~4-5 min): the variants for every dtype (fp32 with tf32 and ieee), config lists in full
+    for bf16/sm_90 and the merge, small-M sets everywhere.
+  * ``full`` (~4200 compiles; an hour on 2 cores): every config x dtype x target x variant cross product.
+Variants are chosen so that every value of every flag appears at least once per kernel kind (``_ci_variants``);
+``full`` takes the cross product.
 
 Assertions: no compile error anywhere; shared memory within the target's per-block limit for every config that
 must run unconditionally (merge configs, single-config kernels, the ``_prune_by_m`` fallback that a decode-sized
@@ -32,7 +35,7 @@ M leaves alone, where the autotuner does not benchmark and so cannot skip an ove
 kernels at least one config of every prune outcome fits. Oversized autotune configs are legal: the autotuner
 catches the ``OutOfResources`` of such a config and times it as infinite. Spills are reported, not asserted.
 
-Run ``python tests/test_triton_compile.py [--full] [--json PATH]`` to print the table directly.
+Run ``python tests/test_triton_compile.py [--level ci|wide|full] [--json PATH]`` to print the table directly.
 """
 
 from __future__ import annotations
@@ -164,14 +167,6 @@ def _lora_linear_variants(dtype):
     return out
 
 
-def _main_variant(variants, kernel):
-    """The variant of a kernel whose full config list is compiled in the default matrix."""
-    for v in variants:
-        if v["kernel"] == kernel and v.get("main"):
-            return v
-    return None
-
-
 def _multi_lora_jobs(ml, dtype, variant, shape):
     M, N, K = shape["M"], shape["N"], shape["K"]
     ragged = shape is _SHAPES["ragged"]
@@ -300,7 +295,7 @@ def _ci_variants(variants):
     return chosen
 
 
-def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind, main):
+def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind, main, worst=False):
     """Config indices compiled for one (kernel, dtype, target, variant, shape) at a matrix level."""
     if level == "full":
         return set(range(len(cfgs)))
@@ -319,6 +314,8 @@ def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind,
                 picks |= set(range(len(cfgs)))
         return picks
     # ci
+    if worst and dtype == "fp32" and target == 80:
+        picks |= small  # 128-wide rank tiles in fp32 on A100: the largest shared memory a small-M launch needs
     if main:
         picks.add(rep)
         if dtype == "bf16" and target == 90:
@@ -362,7 +359,7 @@ def build_jobs(level: str):
             variants = variants_fn(dtype)
             if level != "full":
                 variants = _ci_variants(variants)
-            kinds_seen, kernels_seen = set(), set()
+            kinds_seen, kernels_seen, worst_seen = set(), set(), set()
             for variant in variants:
                 main_kind = variant["kind"] not in kinds_seen
                 kinds_seen.add(variant["kind"])
@@ -372,11 +369,16 @@ def build_jobs(level: str):
                     for kname, args, constexprs in jobs_fn(mod, dtype, variant, shape):
                         # main: the first variant of the kernel (e.g. the forward GEMM, not the dx GEMM)
                         main = kname not in kernels_seen
+                        worst = (variant.get("R") == 128 and variant.get("prec") == "tf32" and shape_name == "main"
+                                 and kname not in worst_seen)
                         if shape_name == "main":
                             kernels_seen.add(kname)
+                            if worst:
+                                worst_seen.add(kname)
                         cfgs, prune = table[kname][2], table[kname][3] is not None
                         for target in TARGETS:
-                            for ci in sorted(_picks(level, kname, cfgs, prune, dtype, target, shape_name, main_kind, main)):
+                            picks = _picks(level, kname, cfgs, prune, dtype, target, shape_name, main_kind, main, worst)
+                            for ci in sorted(picks):
                                 add(modname, kname, dtype, target, variant, shape_name, ci, args, constexprs)
     return list(jobs.values())
 
