@@ -1,8 +1,9 @@
-"""Operand packing shared by the merge launchers of every backend (no kernel code here)."""
+"""Host-side pieces shared by the merge launchers of every backend: operand packing and the exact merge's
+repair-list protocol (no kernel code here)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -29,3 +30,51 @@ def concat_adapters(
     rank_starts = torch.tensor(starts, dtype=torch.int32, device=weight.device)
     scale_t = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=weight.device)
     return a, b, rank_starts, scale_t
+
+
+# Raw-bits dtype of each weight dtype (the repair list stores W's original bits).
+BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def collect_repair_list(
+    weight: torch.Tensor,
+    n_tiles: int,
+    run_pass: Callable,
+    who: str,
+    capacity: Optional[int] = None,
+):
+    """The exact merge's repair-list protocol, shared by its Triton and CUDA launchers.
+
+    ``run_pass(counters, rec_idx, rec_bits, ovf_tiles, tile_ids)`` launches one exact-merge pass over every tile
+    (``tile_ids`` None) or over the listed tiles only, with counters int32 [4] = (claimed, stored, overflowed
+    tiles, new non-finite). Pass 1 stores up to ``capacity`` entries and lists the tiles whose entries did not fit
+    (those tiles are left unwritten); after one host read of the counters, pass 2 reruns exactly those tiles into
+    a list of the right size. Returns ``(index int32|int64 [n], bits int16|int32 [n], n_new_nonfinite)``.
+    """
+    dev = weight.device
+    numel = weight.numel()
+    idx_dtype = torch.int32 if numel < 2**31 else torch.int64
+    bits_dtype = BITS_DTYPE[weight.dtype]
+    if numel == 0:
+        return torch.empty(0, dtype=idx_dtype, device=dev), torch.empty(0, dtype=bits_dtype, device=dev), 0
+    capacity = capacity or max(4096, numel // 32)
+    counters = torch.zeros(4, dtype=torch.int32, device=dev)
+    rec_idx = torch.empty(capacity, dtype=idx_dtype, device=dev)
+    rec_bits = torch.empty(capacity, dtype=bits_dtype, device=dev)
+    ovf = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    run_pass(counters, rec_idx, rec_bits, ovf, None)
+    claimed, stored, n_ovf, n_nonfinite = (int(v) for v in counters.tolist())
+    parts_idx, parts_bits = [rec_idx[:stored]], [rec_bits[:stored]]
+    if n_ovf:
+        need = claimed - stored
+        counters2 = torch.zeros(4, dtype=torch.int32, device=dev)
+        idx2 = torch.empty(max(need, 1), dtype=idx_dtype, device=dev)
+        bits2 = torch.empty(max(need, 1), dtype=bits_dtype, device=dev)
+        ovf2 = torch.empty(n_ovf, dtype=torch.int32, device=dev)
+        run_pass(counters2, idx2, bits2, ovf2, ovf[:n_ovf].clone())
+        c2 = [int(v) for v in counters2.tolist()]
+        assert c2[2] == 0 and c2[1] == need, f"{who}: second pass stored {c2[1]} of {need} entries"
+        n_nonfinite += c2[3]
+        parts_idx.append(idx2[:need])
+        parts_bits.append(bits2[:need])
+    return torch.cat(parts_idx).clone(), torch.cat(parts_bits).clone(), n_nonfinite

@@ -24,13 +24,13 @@ written, independent of how the compiler schedules the epilogue.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..ops._operands import concat_adapters
+from ..ops._operands import collect_repair_list, concat_adapters
 
 # Rank chunk fed to one tl.dot (tl.dot needs every dim >= 16); ranks are masked, never padded.
 BLOCK_R = 16
@@ -45,8 +45,6 @@ MERGE_CONFIGS = [
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2),  # W stored K-major (transposed)
 ]
 _INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
-
-_BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
 def _interpreting() -> bool:
@@ -220,33 +218,12 @@ def merge_exact_triton(
     indices ``n·K + k`` where ``round(W' − Δ) != W`` bitwise, and W's original bits there.
     """
     config = config or pick_config(weight)
-    dev = weight.device
-    N, K = weight.shape
-    numel = N * K
-    idx_dtype = torch.int32 if numel < 2**31 else torch.int64
-    bits_dtype = _BITS_DTYPE[weight.dtype]
-    if numel == 0:
-        return torch.empty(0, dtype=idx_dtype, device=dev), torch.empty(0, dtype=bits_dtype, device=dev), 0, config
     n_tiles = _n_tiles(weight, config)
-    if capacity is None:
-        capacity = max(4096, numel // 32)
-    counters = torch.zeros(4, dtype=torch.int32, device=dev)
-    rec_idx = torch.empty(capacity, dtype=idx_dtype, device=dev)
-    rec_bits = torch.empty(capacity, dtype=bits_dtype, device=dev)
-    ovf = torch.empty(n_tiles, dtype=torch.int32, device=dev)
-    _launch(weight, lora_a, lora_b, scales, config, (n_tiles,), exact=(counters, rec_idx, rec_bits, capacity, ovf))
-    claimed, stored, n_ovf, n_nonfinite = (int(v) for v in counters.tolist())
-    parts_idx, parts_bits = [rec_idx[:stored]], [rec_bits[:stored]]
-    if n_ovf:
-        need = claimed - stored
-        counters2 = torch.zeros(4, dtype=torch.int32, device=dev)
-        idx2 = torch.empty(max(need, 1), dtype=idx_dtype, device=dev)
-        bits2 = torch.empty(max(need, 1), dtype=bits_dtype, device=dev)
-        _launch(weight, lora_a, lora_b, scales, config, (n_ovf,), exact=(counters2, idx2, bits2, max(need, 1), ovf),
-                tile_ids=ovf[:n_ovf].clone())
-        c2 = [int(v) for v in counters2.tolist()]
-        assert c2[2] == 0 and c2[1] == need, f"merge_exact_triton: second pass stored {c2[1]} of {need} entries"
-        n_nonfinite += c2[3]
-        parts_idx.append(idx2[:need])
-        parts_bits.append(bits2[:need])
-    return torch.cat(parts_idx).clone(), torch.cat(parts_bits).clone(), n_nonfinite, config
+
+    def run_pass(counters, rec_idx, rec_bits, ovf_tiles, tile_ids):
+        grid = (n_tiles if tile_ids is None else tile_ids.numel(),)
+        _launch(weight, lora_a, lora_b, scales, config, grid,
+                exact=(counters, rec_idx, rec_bits, rec_idx.numel(), ovf_tiles), tile_ids=tile_ids)
+
+    index, bits, n_nonfinite = collect_repair_list(weight, n_tiles, run_pass, "merge_exact_triton", capacity)
+    return index, bits, n_nonfinite, config
