@@ -214,6 +214,10 @@ def check_merge(
     check_float(op, "weight", weight)
     if weight.dim() != 2:
         _fail(op, f"weight must be 2-D [N, K], got shape {_shape(weight)}")
+    for d in range(weight.dim()):
+        if weight.stride(d) == 0 and weight.shape[d] > 1:
+            _fail(op, f"weight has stride 0 in dim {d} (an expanded view whose elements alias); an in-place merge "
+                      "needs every element stored once (call .contiguous() and merge that)")
     if len(lora_a) == 0 or not (len(lora_a) == len(lora_b) == len(scales)):
         _fail(op, f"need one scale per adapter and non-empty lists: got {len(lora_a)} lora_a, {len(lora_b)} lora_b, {len(scales)} scales")
     N, K = weight.shape

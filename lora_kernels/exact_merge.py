@@ -64,13 +64,13 @@ import torch
 from . import _checks
 from ._backend import BackendUnavailableError, resolve_backend, why_not
 from ._checks import LoRAInputError
+from .functional import TensorOrList, merge_inputs
+from .ops._operands import BITS_DTYPE
 from .reference import compute_dtype
 
 __all__ = ["MergeRecord", "MergeOverflowError", "merge_exact_", "unmerge_exact_"]
 
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
-TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 class MergeOverflowError(LoRAInputError):
@@ -162,7 +162,7 @@ def _delta_torch(weight, lora_a, lora_b, scales) -> torch.Tensor:
 
 def _merge_exact_torch(weight, lora_a, lora_b, scales, config=None):
     acc = compute_dtype(weight.dtype)
-    ib = _BITS[weight.dtype]
+    ib = BITS_DTYPE[weight.dtype]
     delta = _delta_torch(weight, lora_a, lora_b, scales)
     out = (weight.to(acc) + delta).to(weight.dtype)
     back = (out.to(acc) - delta).to(weight.dtype)  # what _unmerge_plain computes from W' = out
@@ -218,19 +218,6 @@ _EXACT = {
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_list(t: TensorOrList) -> List[torch.Tensor]:
-    return [t] if isinstance(t, torch.Tensor) else list(t)
-
-
-def _check_weight_layout(op: str, weight: torch.Tensor) -> None:
-    for d in range(weight.dim()):
-        if weight.stride(d) == 0 and weight.shape[d] > 1:
-            raise LoRAInputError(
-                f"lora_kernels.{op}: weight has stride 0 in dim {d} (an expanded view whose elements alias); "
-                "an in-place merge needs every element stored once (call .contiguous() and merge that)"
-            )
-
-
 def merge_exact_(
     weight: torch.Tensor,
     lora_a: TensorOrList,
@@ -253,10 +240,7 @@ def merge_exact_(
     Every check runs before W is written; a failed call leaves W unchanged. Synchronises once.
     """
     op = "merge_exact_"
-    lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
-    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(lora_a)
-    scales = _checks.check_merge(weight, lora_a, lora_b, scales)
-    _check_weight_layout(op, weight)
+    lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
     if on_overflow not in ("raise", "keep"):
         raise LoRAInputError(f"lora_kernels.{op}: on_overflow must be 'raise' or 'keep', got {on_overflow!r}")
     be = resolve_backend("merge", weight, *lora_a, *lora_b, backend=backend)
@@ -338,7 +322,7 @@ def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
     if record.n_repairs:
         K = weight.shape[1]
         idx = record.repair_index.to(torch.int64)
-        weight.view(_BITS[weight.dtype])[idx // K, idx % K] = record.repair_bits
+        weight.view(BITS_DTYPE[weight.dtype])[idx // K, idx % K] = record.repair_bits
     record.consumed = True
 
 

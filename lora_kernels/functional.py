@@ -164,10 +164,16 @@ def add_lora(
     return y
 
 
-def _merge(weight, lora_a, lora_b, scale, sign: float, backend):
+def merge_inputs(weight, lora_a: TensorOrList, lora_b: TensorOrList, scale):
+    """Normalise and validate (multi-)merge arguments: (lora_a list, lora_b list, finite float scales);
+    ``scale`` is one float shared by every adapter or one per adapter."""
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
     scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(lora_a)
-    scales = _checks.check_merge(weight, lora_a, lora_b, scales)
+    return lora_a, lora_b, _checks.check_merge(weight, lora_a, lora_b, scales)
+
+
+def _merge(weight, lora_a, lora_b, scale, sign: float, backend):
+    lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
     be = resolve_backend("merge", weight, *lora_a, *lora_b, backend=backend)
     with torch.no_grad():
         _ops.merge_(weight, [a.detach() for a in lora_a], [b.detach() for b in lora_b], [sign * s for s in scales], be)

@@ -125,3 +125,11 @@ def test_module_errors():
         layer.merge()
     with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
         lk.inject_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["q_proj"], r=1, alpha=1)
+
+
+@pytest.mark.parametrize("fn", ["merge_", "unmerge_", "merge_exact_"])
+def test_merge_rejects_aliased_weight(fn):
+    W = torch.zeros(1, 8).expand(6, 8)  # stride 0: every row is the same memory
+    with pytest.raises(LoRAInputError, match=r"weight has stride 0 in dim 0"):
+        getattr(lk, fn)(W, torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    assert torch.equal(W, torch.zeros(6, 8))

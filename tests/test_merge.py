@@ -13,7 +13,7 @@ from conftest import HAS_CUDA, TOL, assert_close_rel, rel_err
 
 import lora_kernels as lk
 from lora_kernels import LoRAInputError, MergeOverflowError, MergeRecord
-from lora_kernels.exact_merge import _BITS
+from lora_kernels.ops._operands import BITS_DTYPE as _BITS
 from lora_kernels.reference import merge_ref
 
 CPU_BACKENDS = [("torch", torch.float32), ("torch", torch.float16), ("torch", torch.bfloat16), ("torch", torch.float64),

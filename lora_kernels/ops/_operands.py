@@ -33,7 +33,7 @@ def concat_adapters(
 
 
 # Raw-bits dtype of each weight dtype (the repair list stores W's original bits).
-BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def collect_repair_list(
