@@ -17,6 +17,19 @@ namespace {
 using glue::check_cuda;
 using glue::check_dim;
 
+// The optional per-adapter ranks [L] (int32/int64, on `device`), contiguous; undefined when absent.
+// Sets `ranks_type` to its index type.
+at::Tensor checked_ranks(const std::optional<at::Tensor>& ranks_in, const at::Device device, int64_t L, const char* op,
+                         IndexType& ranks_type) {
+  if (!ranks_in.has_value()) return at::Tensor();
+  const at::Tensor& ranks = *ranks_in;
+  check_cuda(ranks, device, op, "ranks");
+  check_dim(ranks, 1, op, "ranks", "[L]");
+  TORCH_CHECK(ranks.size(0) == L, "lora_kernels.", op, ": ranks must be [L=", L, "], got ", ranks.sizes());
+  ranks_type = glue::index_type(ranks, op, "ranks");
+  return ranks.contiguous();
+}
+
 // xa [M, r_max] fp32: xa[m, j] = x[m] · lora_a[adapter_ids[m], j] for j < ranks[i], else 0 (0 for ids outside [0, L)).
 at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& adapter_ids_in,
                                   const std::optional<at::Tensor>& ranks_in) {
@@ -38,15 +51,7 @@ at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora
   p.x_dtype = glue::kernel_dtype(x_in, op, "x");
   p.a_dtype = glue::kernel_dtype(lora_a_in, op, "lora_a");
   p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
-  at::Tensor ranks;
-  if (ranks_in.has_value()) {
-    ranks = *ranks_in;
-    check_cuda(ranks, device, op, "ranks");
-    check_dim(ranks, 1, op, "ranks", "[L]");
-    TORCH_CHECK(ranks.size(0) == L, "lora_kernels.", op, ": ranks must be [L=", L, "], got ", ranks.sizes());
-    p.ranks_type = glue::index_type(ranks, op, "ranks");
-    ranks = ranks.contiguous();
-  }
+  const at::Tensor ranks = checked_ranks(ranks_in, device, L, op, p.ranks_type);
 
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor xa = at::empty({M, r_max}, x_in.options().dtype(at::kFloat));
@@ -110,15 +115,7 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
   p.y_dtype = glue::kernel_dtype(y, op, "y");
   p.b_dtype = glue::kernel_dtype(lora_b_in, op, "lora_b");
   p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
-  at::Tensor ranks;
-  if (ranks_in.has_value()) {
-    ranks = *ranks_in;
-    check_cuda(ranks, device, op, "ranks");
-    check_dim(ranks, 1, op, "ranks", "[L]");
-    TORCH_CHECK(ranks.size(0) == L, "lora_kernels.", op, ": ranks must be [L=", L, "], got ", ranks.sizes());
-    p.ranks_type = glue::index_type(ranks, op, "ranks");
-    ranks = ranks.contiguous();
-  }
+  const at::Tensor ranks = checked_ranks(ranks_in, device, L, op, p.ranks_type);
   if (M == 0 || N == 0 || r_max == 0) return;
   glue::check_grid(M, (N + 127) / 128, op);
 
