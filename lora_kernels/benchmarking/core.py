@@ -160,7 +160,8 @@ def build_cases(device: str, dtype: torch.dtype, full: bool) -> List[Case]:
     return cases
 
 
-def _available(op: str, case: Case, be: str, device: str, dtype) -> Optional[str]:
+def _unavailable_reason(op: str, be: str, device: str, dtype) -> Optional[str]:
+    """Why backend ``be`` cannot run ``op`` here (None: it can)."""
     probe = torch.empty(1, device=device, dtype=dtype)
     name = op.split()[0]
     try:
@@ -187,7 +188,7 @@ def run(device: Optional[str] = None, full: bool = False, backends=None, out_jso
         bar.update(1)
         rows.append(Row(case.op, shape, case.floor_name, floor_us, note="floor"))
         for be in backends:
-            reason = _available(case.op, case, be, device, dtype)
+            reason = _unavailable_reason(case.op, be, device, dtype)
             if reason:
                 rows.append(Row(case.op, shape, be, None, note=f"unavailable: {reason}"))
                 bar.update(1)
