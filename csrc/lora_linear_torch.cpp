@@ -19,8 +19,6 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "lora_linear_kernels.h"
@@ -118,7 +116,7 @@ void single_expand(const at::Tensor& y, const at::Tensor& xa_in, const at::Tenso
 // drop(x) in fp32 [M, K].
 at::Tensor dropout_to_float(const at::Tensor& x_in, const DropoutArgs& dropout, const char* op) {
   const at::Tensor x = glue::inner_contiguous(x_in);
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  at::Tensor out = glue::kernel_output(x.sizes(), x.options().dtype(at::kFloat));
   const int64_t M = x.size(0), K = x.size(1);
   if (M == 0 || K == 0) return out;
   glue::check_grid(M, (K + 255) / 256, op);
@@ -158,11 +156,11 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_linear_fwd(const at::Tensor& x, con
                 " must equal x dtype ", x.scalar_type());
   }
   check_dropout_p(dropout_p, op);
-  const c10::cuda::CUDAGuard guard(device);
+  const glue::DeviceGuard guard(device);
   const int64_t M = x.size(0), r = lora_a.size(0);
   const DropoutArgs dropout = glue::make_dropout(dropout_p, seed);
 
-  at::Tensor xa = at::empty({M, r}, x.options().dtype(at::kFloat));
+  at::Tensor xa = glue::kernel_output({M, r}, x.options().dtype(at::kFloat));
   single_shrink(x, lora_a, xa, 1.0f, dropout, op);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   single_expand(y, xa, lora_b, static_cast<float>(scale), DropoutArgs{}, op);
@@ -204,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
   TORCH_CHECK(x.defined() || !(need_da || need_dw), "lora_kernels.", op,
               ": x is required for dA / dW0 (output_mask asks for them) but was not given");
   check_dropout_p(dropout_p, op);
-  const c10::cuda::CUDAGuard guard(device);
+  const glue::DeviceGuard guard(device);
   const DropoutArgs dropout = glue::make_dropout(dropout_p, seed);
 
   at::Tensor dx = dy.new_empty({0});
@@ -215,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
   at::Tensor dxa;
   if (need_dx || need_da) {
     // dxa [M, r] = scale · dy · B, as a shrink of dy against Bᵀ [r, N] (a small copy, so K-contiguous loads).
-    dxa = at::empty({M, r}, dy.options().dtype(at::kFloat));
+    dxa = glue::kernel_output({M, r}, dy.options().dtype(at::kFloat));
     single_shrink(dy, lora_b.t().contiguous(), dxa, static_cast<float>(scale), DropoutArgs{}, op);
   }
   if (need_db) {
@@ -244,13 +242,13 @@ at::Tensor cuda_lora_dropout(const at::Tensor& x, double dropout_p, int64_t seed
   check_dim(x, 2, op, "x", "[M, K]");
   glue::kernel_dtype(x, op, "x");
   check_dropout_p(dropout_p, op);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const glue::DeviceGuard guard(x.device());
   return dropout_to_float(x, glue::make_dropout(dropout_p, seed), op);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(lora_kernels, LORA_KERNELS_DISPATCH_KEY, m) {
   m.impl("cuda_lora_linear_fwd", &cuda_lora_linear_fwd);
   m.impl("cuda_lora_linear_bwd", &cuda_lora_linear_bwd);
   m.impl("cuda_lora_dropout", &cuda_lora_dropout);

@@ -3,8 +3,6 @@
 #include <optional>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "merge.h"
@@ -71,7 +69,7 @@ void cuda_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const at::T
   constexpr const char* op = "cuda_merge_";
   MergeArgs p = make_args(weight, lora_a, lora_b, rank_starts, scales, op);
   if (weight.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const glue::DeviceGuard guard(weight.device());
   glue::check_launch(launch_lora_merge(p, /*exact=*/false, glue::current_stream()), "lora_merge_kernel");
 }
 
@@ -118,13 +116,13 @@ void cuda_merge_exact_(const at::Tensor& weight, const at::Tensor& lora_a, const
   p.rec_bits = repair_bits.data_ptr();
   p.rec_capacity = repair_index.numel();
   p.overflow_tiles = overflow_tiles.data_ptr<int32_t>();
-  const c10::cuda::CUDAGuard guard(device);
+  const glue::DeviceGuard guard(device);
   glue::check_launch(launch_lora_merge(p, /*exact=*/true, glue::current_stream()), "lora_merge_kernel (exact)");
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(lora_kernels, LORA_KERNELS_DISPATCH_KEY, m) {
   m.impl("cuda_merge_", &cuda_merge_);
   m.impl("cuda_merge_exact_", &cuda_merge_exact_);
 }

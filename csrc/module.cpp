@@ -1,5 +1,5 @@
 // The one translation unit with the Python module entry point. The kernels themselves register through
-// TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) in the *_torch.cpp files (static initialisers run when the
+// TORCH_LIBRARY_IMPL(lora_kernels, LORA_KERNELS_DISPATCH_KEY = CUDA, m) in the *_torch.cpp files (static initialisers run when the
 // library is loaded, either as lora_kernels._C or as the JIT-built lora_kernels_cuda shared object).
 #include <pybind11/pybind11.h>
 

@@ -4,8 +4,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "multi_lora_kernels.h"
@@ -53,8 +51,8 @@ at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora
   p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
   const at::Tensor ranks = checked_ranks(ranks_in, device, L, op, p.ranks_type);
 
-  const c10::cuda::CUDAGuard guard(device);
-  at::Tensor xa = at::empty({M, r_max}, x_in.options().dtype(at::kFloat));
+  const glue::DeviceGuard guard(device);
+  at::Tensor xa = glue::kernel_output({M, r_max}, x_in.options().dtype(at::kFloat));
   if (M == 0 || r_max == 0) return xa;
   glue::check_grid(M, (r_max + 3) / 4, op);
 
@@ -119,7 +117,7 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
   if (M == 0 || N == 0 || r_max == 0) return;
   glue::check_grid(M, (N + 127) / 128, op);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const glue::DeviceGuard guard(device);
   const at::Tensor xa = glue::inner_contiguous(xa_in);
   // any strides (16-byte loads when the rank dim is contiguous and aligned)
   const at::Tensor lora_b = glue::weight_for(lora_b_in, y);
@@ -148,7 +146,7 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(lora_kernels, LORA_KERNELS_DISPATCH_KEY, m) {
   m.impl("cuda_multi_lora_shrink", &cuda_multi_lora_shrink);
   m.impl("cuda_multi_lora_expand_", &cuda_multi_lora_expand_);
 }

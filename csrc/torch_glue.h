@@ -1,16 +1,30 @@
 // Small helpers for the torch glue files (*_torch.cpp): input checks with messages that name the tensor
 // and what was expected, dtype mapping onto the kernels' DType / IndexType, launch-error reporting.
 // Host C++ only (no cuSPARSE-pulling ATen/cuda headers).
+//
+// LORA_KERNELS_EMULATE_CUDA (tests/cuda_emu/build.py only): the glue is built against a CPU torch with the
+// kernels run by the CPU emulator of tests/cuda_emu/cuda_emu.h. The ops then register for CPU tensors, with no
+// device guard and no stream; nothing else in the glue changes. Never defined in a real build.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include <ATen/ATen.h>
+#ifndef LORA_KERNELS_EMULATE_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "kernel_types.h"
+
+// Dispatch key the *_torch.cpp files register their kernels under: TORCH_LIBRARY_IMPL(lora_kernels, LORA_KERNELS_DISPATCH_KEY, m).
+#ifdef LORA_KERNELS_EMULATE_CUDA
+#define LORA_KERNELS_DISPATCH_KEY CPU
+#else
+#define LORA_KERNELS_DISPATCH_KEY CUDA
+#endif
 
 namespace lora_kernels {
 namespace glue {
@@ -33,7 +47,11 @@ inline IndexType index_type(const at::Tensor& t, const char* op, const char* nam
 }
 
 inline void check_cuda(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
+#ifdef LORA_KERNELS_EMULATE_CUDA
+  TORCH_CHECK(t.is_cpu(), "lora_kernels.", op, ": ", name, " must be a CPU tensor (emulated CUDA build), got device ", t.device());
+#else
   TORCH_CHECK(t.is_cuda(), "lora_kernels.", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+#endif
   TORCH_CHECK(t.device() == device, "lora_kernels.", op, ": ", name, " is on ", t.device(), " but expected ", device,
               " (all tensors must be on one device)");
 }
@@ -54,8 +72,23 @@ inline at::Tensor weight_for(const at::Tensor& weight, const at::Tensor& activat
   return weight.to(at::kFloat);
 }
 
+// A buffer the kernels must write in full. The emulated build fills it with NaN, so an element a kernel misses
+// shows up in the tests; the real build leaves it uninitialised.
+inline at::Tensor kernel_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef LORA_KERNELS_EMULATE_CUDA
+  return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options);
+#else
+  return at::empty(sizes, options);
+#endif
+}
+
 inline void check_launch(cudaError_t err, const char* what) {
+#ifdef LORA_KERNELS_EMULATE_CUDA
+  TORCH_CHECK(err == cudaSuccess, "lora_kernels: launching ", what, " failed in the CUDA emulator: error ",
+              static_cast<int>(err), " (details on stderr)");
+#else
   TORCH_CHECK(err == cudaSuccess, "lora_kernels: launching ", what, " failed: ", cudaGetErrorString(err));
+#endif
 }
 
 // The kernels index the grid's x dimension by row (2^31 - 1 rows at most) and y by column tile (65535).
@@ -66,7 +99,16 @@ inline void check_grid(int64_t rows, int64_t tiles, const char* op) {
 
 inline DropoutArgs make_dropout(double p, int64_t seed) { return make_dropout_args(p, seed); }
 
+#ifdef LORA_KERNELS_EMULATE_CUDA
+inline cudaStream_t current_stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+#else
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+// Makes the tensors' device current for the launches and ATen calls of one op.
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
 
 }  // namespace glue
 }  // namespace lora_kernels
