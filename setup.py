@@ -30,7 +30,7 @@ def _ext_modules():
     import _ext  # noqa: E402  (only its flag helpers; importing the package would need it installed)
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a;9.0+PTX"  # PTX: newer GPUs JIT it instead of failing
     srcs = [str(p.relative_to(ROOT)) for p in _ext.sources(ROOT / "csrc")]
     ext = CUDAExtension(
         name="lora_kernels._C",

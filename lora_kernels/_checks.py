@@ -49,6 +49,38 @@ def data_checks_enabled(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b share at least one element of memory. Exact for dense tensors and for strided views of
+    up to 2^22 elements; larger interleaved views of one storage count as overlapping (conservative). False
+    under tracing (fake tensors have no storage to compare)."""
+    if _is_compiling() or a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+        offs, spans = [], []
+        for t in (a, b):
+            off = t.data_ptr() // t.element_size() if t.element_size() == a.element_size() else None
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            offs.append(off)
+            spans.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), t.numel() == last + 1))
+    except (RuntimeError, NotImplementedError):  # fake / functional tensors: nothing to compare
+        return False
+    (a0, a1, a_dense), (b0, b1, b_dense) = spans
+    if not (a0 < b1 and b0 < a1):
+        return False
+    if (a_dense and b_dense) or offs[1] is None or max(a.numel(), b.numel()) > 2**22:
+        return True  # dense tensors cover their whole spans; or too large / mixed element sizes to check exactly
+
+    def elements(t, base):
+        idx = torch.zeros((), dtype=torch.int64)
+        for n, st in zip(t.shape, t.stride()):
+            idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+        return idx.reshape(-1) + base
+
+    return bool(torch.isin(elements(a, offs[0]), elements(b, offs[1])).any())
+
+
 def check_float(op: str, name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -182,6 +214,10 @@ def check_add_lora(
     tensors.update({f"lora_a[{s}]": a for s, a in enumerate(lora_a)})
     tensors.update({f"lora_b[{s}]": b for s, b in enumerate(lora_b)})
     check_same_device(op, **tensors)
+    # y is written slice by slice while x and the weights are still being read: no shared memory.
+    for name, t in tensors.items():
+        if name != "y" and t is not None and memory_overlaps(y, t):
+            _fail(op, f"y overlaps {name} in memory (y is updated in place while {name} is read); pass separate tensors")
     if data_checks_enabled(x):
         # One device->host read for all value checks: [ids min, ids max, all scales finite, ranks min, ranks max].
         stats = [torch.isfinite(scales).all().to(torch.int64)]

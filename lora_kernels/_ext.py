@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -24,6 +25,7 @@ from typing import List, Optional
 import torch
 
 _state = {"loaded": False, "tried": False, "reason": None, "from": None}
+_load_lock = threading.Lock()
 
 ENV_NO_JIT = "LORA_KERNELS_NO_JIT"
 ENV_CACHE = "LORA_KERNELS_CACHE_DIR"
@@ -74,10 +76,16 @@ def _fail(reason: str) -> bool:
 
 
 def load(verbose: Optional[bool] = None) -> bool:
-    """Load (building if needed) the CUDA extension; returns whether it is loaded. Never raises."""
-    if _state["loaded"] or _state["tried"]:
-        return _state["loaded"]
-    _state["tried"] = True
+    """Load (building if needed) the CUDA extension; returns whether it is loaded. Never raises.
+    Thread-safe: a second caller waits for a build in progress and gets its outcome."""
+    with _load_lock:
+        if _state["loaded"] or _state["tried"]:
+            return _state["loaded"]
+        _state["tried"] = True
+        return _load(verbose)
+
+
+def _load(verbose: Optional[bool]) -> bool:
     try:
         from . import _C  # noqa: F401  (ahead-of-time build registers its kernels on import)
 
@@ -113,6 +121,10 @@ def load(verbose: Optional[bool] = None) -> bool:
             with open(build_dir / ".lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
+                    # torch's own lock file is deleted in a `finally`, so a build killed by a signal leaves it
+                    # behind and every later build in this directory would wait for it forever. Holding our
+                    # flock, no other process is building here: a leftover file is stale.
+                    (build_dir / "lock").unlink(missing_ok=True)
                     cpp_extension.load(
                         name="lora_kernels_cuda",
                         sources=[str(s) for s in srcs],

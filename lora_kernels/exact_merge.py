@@ -51,7 +51,8 @@ the record and raises :class:`MergeOverflowError` — W is unchanged when the er
 ``on_overflow="keep"`` keeps the infinities (the round trip is still exact).
 
 The exact merge synchronises once (to size the repair list), so it cannot be captured in a CUDA graph;
-the plain ``merge_`` / ``unmerge_`` can.
+the plain ``merge_`` / ``unmerge_`` can (while capturing, per-adapter scales and rank offsets reach the device
+through fill kernels, ``ops._operands.small_tensor``; checked by a GPU test, not yet run on a GPU).
 """
 
 from __future__ import annotations

@@ -68,12 +68,18 @@ def _multi_inputs(M=5, K=8, L=3, r=4, widths=(6,), dtype=torch.float32):
         (lambda a: a.update(lora_b=[]), r"non-empty lists of equal length"),
         (lambda a: a.update(y=torch.randn(4, 6)), r"y must be 2-D \[M=5, N\]"),
         (lambda a: a.update(scales=torch.ones(3, device="meta")), r"all tensors must be on one device"),
+        (lambda a: a.update(y=a["x"][:, :6]), r"y overlaps x in memory"),
+        (lambda a: a.update(x=torch.randn(5, 16)[:, 8:]), None),
     ],
 )
 def test_add_lora_bad_inputs(mutate, msg):
     args = _multi_inputs()
     mutate(args)
     y_before = args["y"].clone()
+    if msg is None:  # a valid variant of the same inputs: must not raise
+        lk.add_lora(args["y"], args["x"], args["lora_a"], args["lora_b"], args["adapter_ids"], args["scales"],
+                    args["ranks"], args["slices"])
+        return
     with pytest.raises(LoRAInputError, match=msg):
         lk.add_lora(args["y"], args["x"], args["lora_a"], args["lora_b"], args["adapter_ids"], args["scales"],
                     args["ranks"], args["slices"])
@@ -133,3 +139,16 @@ def test_merge_rejects_aliased_weight(fn):
     with pytest.raises(LoRAInputError, match=r"weight has stride 0 in dim 0"):
         getattr(lk, fn)(W, torch.randn(2, 8), torch.randn(6, 2), 0.5)
     assert torch.equal(W, torch.zeros(6, 8))
+
+
+def test_memory_overlaps_is_exact_for_views():
+    from lora_kernels._checks import memory_overlaps as overlaps
+
+    buf = torch.randn(6, 14)
+    assert overlaps(buf, buf[1:]) and overlaps(buf, buf.t()) and overlaps(buf[:, :8], buf[:, 4:12])
+    assert not overlaps(buf[:, :8], buf[:, 8:])  # side by side in every row: interleaved but disjoint
+    assert not overlaps(buf[:2], buf[3:]) and not overlaps(buf, torch.randn(6, 14))
+    assert not overlaps(buf[1], buf[0::2])  # a dense row inside the span of a strided view that skips it
+    assert overlaps(buf[2], buf[0::2])
+    assert not overlaps(buf[:, ::2], buf[:, 1::2]) and overlaps(buf[:, ::2], buf[:, 2::2])
+    assert not overlaps(buf[:0], buf)

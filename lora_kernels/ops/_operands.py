@@ -27,9 +27,27 @@ def concat_adapters(
     starts = [0]
     for t in lora_a:
         starts.append(starts[-1] + t.shape[0])
-    rank_starts = torch.tensor(starts, dtype=torch.int32, device=weight.device)
-    scale_t = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=weight.device)
+    rank_starts = small_tensor(starts, torch.int32, weight.device)
+    scale_t = small_tensor([float(s) for s in scales], torch.float32, weight.device)
     return a, b, rank_starts, scale_t
+
+
+def small_tensor(values: Sequence, dtype: torch.dtype, device, *, by_fill: Optional[bool] = None) -> torch.Tensor:
+    """A few host scalars as a tensor on ``device``, safe inside CUDA-graph capture.
+
+    Normally one host-to-device copy (``torch.tensor``). While the current stream is capturing, such a copy from
+    pageable host memory is an error (or would replay from a freed host buffer), so each value is written by
+    its own fill kernel instead, whose scalar the graph records. ``by_fill`` forces either path (tests).
+    """
+    device = torch.device(device)
+    if by_fill is None:
+        by_fill = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not by_fill:
+        return torch.tensor(values, dtype=dtype, device=device)
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
 
 
 # Raw-bits dtype of each weight dtype (the repair list stores W's original bits).

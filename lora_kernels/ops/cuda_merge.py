@@ -13,7 +13,7 @@ import torch
 
 from ._operands import collect_repair_list, concat_adapters
 
-# Must match kTileN / kTileK in csrc/merge.cu (the Python side sizes the overflow-tile buffer with them).
+# Must match kMergeTileN / kMergeTileK in csrc/merge.h (the Python side sizes the overflow-tile buffer with them).
 TILE_N = 32
 TILE_K = 128
 
