@@ -9,7 +9,8 @@ namespace {
 
 constexpr int kDropoutThreads = 256;
 
-// Grid (M, ceil(K / kDropoutThreads)); one thread per element. Reads x[m, k]; writes out[m, k] (fp32).
+// Grid (M, ceil(K / kDropoutThreads)); one thread per element. Reads x[m, k]; writes out[m, k] (fp32), with
+// the mask of row row_offset + m.
 template <typename TX>
 __global__ void __launch_bounds__(kDropoutThreads) dropout_to_float_kernel(const DropoutToFloatArgs p) {
   const int64_t m = blockIdx.x;
@@ -17,7 +18,7 @@ __global__ void __launch_bounds__(kDropoutThreads) dropout_to_float_kernel(const
   if (k >= p.K) return;
   float v = to_float(static_cast<const TX*>(p.x)[m * p.x_stride_m + k]);
   if (p.dropout.enabled) {
-    const uint32_t row_hash = dropout_row_hash(dropout_seed_hash(p.dropout.seed), m);
+    const uint32_t row_hash = dropout_row_hash(dropout_seed_hash(p.dropout.seed), p.row_offset + m);
     v = dropout_keep(row_hash, k, p.dropout.threshold) ? v * p.dropout.keep_scale : 0.0f;
   }
   p.out[m * p.out_stride_m + k] = v;

@@ -9,8 +9,9 @@
 
 namespace lora_kernels {
 
-// out[m, k] = float(x[m, k]) · keep(m, k) · keep_scale   (drop(x) in fp32; keep from `dropout`, all-true
-// when dropout is disabled). x[m, k] at x + m * x_stride_m + k; out[m, k] at out + m * out_stride_m + k.
+// out[m, k] = float(x[m, k]) · keep(row_offset + m, k) · keep_scale   (drop(x) in fp32; keep from `dropout`,
+// all-true when dropout is disabled; row_offset places a chunk of rows in the full x, whose row numbers the
+// mask hashes). x[m, k] at x + m * x_stride_m + k; out[m, k] at out + m * out_stride_m + k.
 struct DropoutToFloatArgs {
   const void* x = nullptr;
   DType x_dtype = DType::kFloat32;
@@ -18,6 +19,7 @@ struct DropoutToFloatArgs {
   float* out = nullptr;
   int64_t out_stride_m = 0;
   int64_t M = 0, K = 0;
+  int64_t row_offset = 0;
   DropoutArgs dropout;
 };
 

@@ -7,14 +7,15 @@
 //             y  = x·W0ᵀ (+ bias)                at::mm / at::addmm (cuBLAS, rounded to x.dtype)
 //             y += scale·xa·Bᵀ                   expand kernel (in place, fp32 math)
 //   backward  dxa = scale·dy·B                   shrink kernel on Bᵀ (fp32 out)
-//             dB  = scale·dyᵀ·xa                 at::mm in fp32
-//             dA  = dxaᵀ·drop(x)                 dropout kernel (fp32 drop(x)) + at::mm in fp32
+//             dB  = scale·dyᵀ·xa                 at::addmm in fp32 (over row chunks for 16-bit dy)
+//             dA  = dxaᵀ·drop(x)                 dropout kernel (fp32 drop(x)) + at::addmm in fp32 (row chunks)
 //             dx  = dy·W0 ; dx += drop'(dxa·A)   at::mm (cuBLAS) + expand kernel with dropout on its output
 //             dW0 = dyᵀ·x                        at::mm, only when asked
 // Numerics: every kernel accumulates in fp32. y and dx are rounded twice in fp16/bf16: once by cuBLAS
 // (x·W0ᵀ + bias, dy·W0) and once after adding the LoRA term in fp32 (the reference rounds once); the extra
 // error is at most half an ulp of the output. dA, dB, dW0 are rounded once. In fp32 everything is exact
 // fp32 arithmetic (TF32 only if the user enabled torch.backends.cuda.matmul.allow_tf32).
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -30,6 +31,14 @@ namespace {
 
 using glue::check_cuda;
 using glue::check_dim;
+
+// Row chunks of the backward's fp32 GEMMs: at most kChunkBytes of fp32 copy per chunk (the CPU emulator's
+// build sets a tiny value so that its small test shapes cross chunk boundaries).
+#ifndef LORA_KERNELS_BWD_CHUNK_BYTES
+#define LORA_KERNELS_BWD_CHUNK_BYTES (int64_t{64} << 20)
+#endif
+constexpr int64_t kChunkBytes = LORA_KERNELS_BWD_CHUNK_BYTES;
+int64_t chunk_rows(int64_t cols) { return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(cols, 1))); }
 
 void check_dropout_p(double p, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "lora_kernels.", op, ": dropout_p must be in [0, 1), got ", p);
@@ -113,8 +122,8 @@ void single_expand(const at::Tensor& y, const at::Tensor& xa_in, const at::Tenso
   glue::check_launch(launch_multi_lora_expand(p, glue::current_stream()), "LoRA expand kernel");
 }
 
-// drop(x) in fp32 [M, K].
-at::Tensor dropout_to_float(const at::Tensor& x_in, const DropoutArgs& dropout, const char* op) {
+// drop(x) in fp32 [M, K]; x holds rows row_offset .. row_offset + M - 1 of the layer's input (the mask's rows).
+at::Tensor dropout_to_float(const at::Tensor& x_in, const DropoutArgs& dropout, const char* op, int64_t row_offset = 0) {
   const at::Tensor x = glue::inner_contiguous(x_in);
   at::Tensor out = glue::kernel_output(x.sizes(), x.options().dtype(at::kFloat));
   const int64_t M = x.size(0), K = x.size(1);
@@ -128,6 +137,7 @@ at::Tensor dropout_to_float(const at::Tensor& x_in, const DropoutArgs& dropout, 
   p.out_stride_m = out.stride(0);
   p.M = M;
   p.K = K;
+  p.row_offset = row_offset;
   p.dropout = dropout;
   glue::check_launch(launch_dropout_to_float(p, glue::current_stream()), "LoRA dropout kernel");
   return out;
@@ -216,12 +226,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
     dxa = glue::kernel_output({M, r}, dy.options().dtype(at::kFloat));
     single_shrink(dy, lora_b.t().contiguous(), dxa, static_cast<float>(scale), DropoutArgs{}, op);
   }
+  // dB and dA are fp32 GEMMs reducing over M. For 16-bit inputs they run over row chunks, so the fp32 copies
+  // of dy and drop(x) they read stay within kChunkBytes instead of M·N·4 / M·K·4 bytes.
   if (need_db) {
-    db = at::mm(dy.to(at::kFloat).t(), xa).mul_(scale).to(lora_b.scalar_type());
+    at::Tensor db32 = at::zeros({N, r}, xa.options());
+    const int64_t rows = dy.scalar_type() == at::kFloat ? std::max<int64_t>(M, 1) : chunk_rows(N);
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t m1 = std::min(M, m0 + rows);
+      db32.addmm_(dy.slice(0, m0, m1).to(at::kFloat).t(), xa.slice(0, m0, m1));
+    }
+    db = db32.mul_(scale).to(lora_b.scalar_type());
   }
   if (need_da) {
-    const at::Tensor xd = dropout.enabled ? dropout_to_float(x, dropout, op) : x.to(at::kFloat);
-    da = at::mm(dxa.t(), xd).to(lora_a.scalar_type());
+    at::Tensor da32 = at::zeros({r, K}, dxa.options());
+    const bool copy = dropout.enabled || x.scalar_type() != at::kFloat;
+    const int64_t rows = copy ? chunk_rows(K) : std::max<int64_t>(M, 1);
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t m1 = std::min(M, m0 + rows);
+      const at::Tensor xc = x.slice(0, m0, m1);
+      const at::Tensor xd = dropout.enabled ? dropout_to_float(xc, dropout, op, m0) : xc.to(at::kFloat);
+      da32.addmm_(dxa.slice(0, m0, m1).t(), xd);
+    }
+    da = da32.to(lora_a.scalar_type());
   }
   if (need_dx) {
     dx = at::mm(dy, weight);  // [M, K] in dy.dtype (cuBLAS)

@@ -59,7 +59,8 @@ def rewrite_launches(src: str) -> tuple[str, int]:
 
 
 FLAGS = ["-O1", "-std=c++20", "-DLORA_KERNELS_EMULATE_CUDA", "-ffp-contract=off", "-fno-fast-math",
-         "-Wno-unknown-pragmas", "-Wno-attributes"]
+         "-Wno-unknown-pragmas", "-Wno-attributes",
+         "-DLORA_KERNELS_BWD_CHUNK_BYTES=4096"]  # the backward's row chunks: a few rows at the tests' shapes
 
 
 def load(verbose: bool = False):
