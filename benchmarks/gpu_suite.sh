@@ -6,7 +6,12 @@
 #
 #   bash benchmarks/gpu_suite.sh test     install + extension build + every test on the GPU        (~1 call)
 #   bash benchmarks/gpu_suite.sh bench    install + extension build + quick benchmarks             (~1 call)
+#   bash benchmarks/gpu_suite.sh sanitize install + extension build + compute-sanitizer memcheck / racecheck /
+#                                         initcheck over the CUDA-extension tests at small shapes      (~1 call)
 #   bash benchmarks/gpu_suite.sh full     everything, full benchmark grids and the e2e model bench (no time cap)
+#
+# The CPU-only checks (tests/test_cuda_emulated.py: the CUDA extension run by the CPU emulator, and
+# tests/test_triton_compile.py: ahead-of-time compiles) run in CI, not here.
 #
 # Each step runs under `timeout` within BUDGET_S (default 560 s for test/bench) so that a 600 s call still
 # returns its logs. The extension build is cached in $LORA_KERNELS_CACHE_DIR (default /tmp/lora_kernels_cache),
@@ -18,8 +23,8 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 LOG="$OUT/suite.log"
 export PYTHONUNBUFFERED=1 LORA_KERNELS_CACHE_DIR=${LORA_KERNELS_CACHE_DIR:-/tmp/lora_kernels_cache}
-case "$STAGE" in test|bench) BUDGET_S=${BUDGET_S:-560} ;; full) BUDGET_S=${BUDGET_S:-100000} ;;
-  *) echo "usage: $0 test|bench|full" >&2; exit 2 ;; esac
+case "$STAGE" in test|bench|sanitize) BUDGET_S=${BUDGET_S:-560} ;; full) BUDGET_S=${BUDGET_S:-100000} ;;
+  *) echo "usage: $0 test|bench|sanitize|full" >&2; exit 2 ;; esac
 T0=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 status=0
@@ -57,8 +62,20 @@ if [ "$STAGE" = test ] || [ "$STAGE" = full ]; then
     run 240 python -m pytest tests/test_cuda_ext.py -q -x -p no:cacheprovider --junitxml="$OUT/junit_cuda.xml"
     tail -4 "$LOG"
     step "GPU tests: everything else (Triton kernels in bf16, graphs, interop)"
-    run 400 python -m pytest tests -q -p no:cacheprovider --ignore=tests/test_cuda_ext.py --junitxml="$OUT/junit.xml"
+    run 400 python -m pytest tests -q -p no:cacheprovider --ignore=tests/test_cuda_ext.py \
+        --ignore=tests/test_cuda_emulated.py --ignore=tests/test_triton_compile.py --junitxml="$OUT/junit.xml"
     tail -8 "$LOG"
+fi
+
+if [ "$STAGE" = sanitize ]; then
+    # Small shapes only (the sanitizers slow kernels down 10-100x); -x stops at the first report.
+    SEL="not 4096 and not 300 and not graph and not opcheck"
+    for tool in memcheck racecheck initcheck; do
+        step "compute-sanitizer --tool $tool over tests/test_cuda_ext.py ($SEL)"
+        run 170 compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+            python -m pytest tests/test_cuda_ext.py -q -x -p no:cacheprovider -k "$SEL"
+        tail -3 "$LOG"
+    done
 fi
 
 if [ "$STAGE" = bench ] || [ "$STAGE" = full ]; then
