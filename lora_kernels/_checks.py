@@ -164,8 +164,10 @@ def check_add_lora(
     scales: torch.Tensor,
     ranks: Optional[torch.Tensor],
     slices: Optional[Sequence[int]] = None,
+    meta=None,
 ) -> None:
-    """Validate add_lora inputs (see reference.add_lora_ref for the semantics)."""
+    """Validate add_lora inputs (see reference.add_lora_ref for the semantics); with ``meta`` (a
+    serving.LoRABatchMeta), also that it describes these adapter_ids (in the same single host read)."""
     op = "add_lora"
     check_float(op, "y", y)
     check_float(op, "x", x)
@@ -218,15 +220,20 @@ def check_add_lora(
     for name, t in tensors.items():
         if name != "y" and t is not None and memory_overlaps(y, t):
             _fail(op, f"y overlaps {name} in memory (y is updated in place while {name} is read); pass separate tensors")
+    if meta is not None:
+        meta.check(adapter_ids, L, op)
     if data_checks_enabled(x):
-        # One device->host read for all value checks: [ids min, ids max, all scales finite, ranks min, ranks max].
+        # One device->host read for all value checks:
+        # [all scales finite, meta ids equal, ids min, ids max, ranks min, ranks max].
         stats = [torch.isfinite(scales).all().to(torch.int64)]
+        stats.append((meta.adapter_ids[:M] == adapter_ids.to(torch.int32)).all().to(torch.int64) if meta is not None
+                     else torch.ones((), dtype=torch.int64, device=scales.device))
         if M > 0:
             stats += [adapter_ids.min().to(torch.int64), adapter_ids.max().to(torch.int64)]
         if ranks is not None and L > 0:
             stats += [ranks.min().to(torch.int64), ranks.max().to(torch.int64)]
         vals = torch.stack(stats).tolist()
-        finite, rest = vals[0], vals[1:]
+        finite, meta_same, rest = vals[0], vals[1], vals[2:]
         if M > 0:
             lo, hi, rest = rest[0], rest[1], rest[2:]
             if lo < -1 or hi >= L:
@@ -237,6 +244,8 @@ def check_add_lora(
             rlo, rhi = rest
             if rlo < 0 or rhi > r_max:
                 _fail(op, f"ranks must be in [0, r_max={r_max}], got min {rlo}, max {rhi}")
+        if not meta_same:
+            _fail(op, "meta was built from different adapter_ids (call meta.update_(adapter_ids))")
 
 
 def check_merge(

@@ -152,14 +152,11 @@ def add_lora(
             shared by every layer); only accelerates the grouped (SGMV) path, never changes the result.
     """
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
-    _checks.check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices)
+    _checks.check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices, meta=meta)
     be = resolve_backend("add_lora", y, x, *lora_a, *lora_b, backend=backend)
     if meta is None:
         _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
         return y
-    meta.check(adapter_ids, lora_a[0].shape[0])
-    if _checks.data_checks_enabled(adapter_ids) and not meta.matches(adapter_ids):
-        raise _checks.LoRAInputError("lora_kernels.add_lora: meta was built from different adapter_ids (call meta.update_(adapter_ids))")
     _ops.add_lora_meta_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, meta.sorted_token_ids, meta.tiles, meta.block_m, be)
     return y
 
