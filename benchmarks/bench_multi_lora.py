@@ -13,7 +13,9 @@ with ``triton.testing.do_bench``, median, L2 flushed between replays):
 * ``triton``       — ``add_lora(backend="triton", meta=meta)``, strategy auto, one LoRABatchMeta shared by layers
                      (its build is timed separately as ``meta_build``: once per batch, not per layer);
 * ``triton:bgmv`` / ``triton:sgmv`` — the strategy forced (to tune ``multi_lora.BGMV_MAX_TOKENS_X_RANK``);
-* ``cuda``         — ``add_lora(backend="cuda")`` when ``resolve_backend`` allows it.
+* ``cuda``         — ``add_lora(backend="cuda", meta=meta)`` when ``resolve_backend`` allows it (grouped by adapter
+                     from 64 tokens on, one token per block below);
+* ``cuda:token``   — ``add_lora(backend="cuda")`` without meta: always one token per block (the grouped path's baseline).
 
 Reported per row: median µs per layer, achieved GB/s against the byte floor (adapter weight bytes actually touched
 = Σ over the distinct adapters in the batch of rank_i·(K + ΣN_s) elements, + x + 2×y), the fraction of the chip's
@@ -37,7 +39,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-ALL_VARIANTS = ("gather_bmm", "torch", "triton", "triton:bgmv", "triton:sgmv", "cuda")
+ALL_VARIANTS = ("gather_bmm", "torch", "triton", "triton:bgmv", "triton:sgmv", "cuda", "cuda:token")
 # HBM bandwidth in GB/s by device-name substring; H100 SXM is the reference the project reports against.
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
 H100_GBPS = 3350.0
@@ -152,6 +154,8 @@ def variant_fn(variant: str, inp: dict, y: torch.Tensor, meta) -> Optional[Calla
         # the launcher directly: same kernels as add_lora(backend="triton") minus validation, strategy forced
         return lambda: multi_lora.add_lora_triton(y, x, A, B, ids, sc, rk, meta=meta, strategy=strat)
     if variant == "cuda":
+        return lambda: lora_kernels.add_lora(y, x, A, B, ids, sc, rk, backend="cuda", meta=meta)
+    if variant == "cuda:token":
         return lambda: lora_kernels.add_lora(y, x, A, B, ids, sc, rk, backend="cuda")
     raise ValueError(variant)
 
@@ -159,8 +163,8 @@ def variant_fn(variant: str, inp: dict, y: torch.Tensor, meta) -> Optional[Calla
 def variant_unavailable(variant: str, inp: dict, case: dict) -> Optional[str]:
     from lora_kernels import BackendUnavailableError, resolve_backend
 
-    if variant in ("triton", "triton:bgmv", "triton:sgmv", "cuda"):
-        be = "cuda" if variant == "cuda" else "triton"
+    if variant in ("triton", "triton:bgmv", "triton:sgmv", "cuda", "cuda:token"):
+        be = "cuda" if variant.startswith("cuda") else "triton"
         try:
             resolve_backend("add_lora", inp["y0"], inp["x"], *inp["A"], *inp["B"], backend=be)
         except BackendUnavailableError as e:

@@ -11,6 +11,18 @@
 
 namespace lora_kernels {
 
+// Grouped launches (prefill; serving.LoRABatchMeta): with `tiles` set, the kernels walk a tile table instead of
+// the rows. Tile t covers the sorted positions [tiles[T + t], tiles[2T + t]) (at most block_m of them) of adapter
+// tiles[t] (-1: unused tile), T = num_tiles; the row at sorted position q is sorted_ids[q]. Blocks then take 8
+// tokens of one adapter, so each chunk of A / B is loaded once per 8 tokens. Rows in no tile (no adapter) are
+// not visited: the shrink leaves their xa as the caller initialised it. adapter_ids is not read.
+struct TokenTiles {
+  const int32_t* sorted_ids = nullptr;  // [>= M] int32: rows in adapter order
+  const int32_t* tiles = nullptr;       // [3, num_tiles] int32, contiguous; null: one block row per token group
+  int64_t num_tiles = 0;
+  int64_t block_m = 0;                  // tokens per tile (at most)
+};
+
 // Shrink: for every row m with adapter i = adapter_ids[m] (0 when adapter_ids is null):
 //   xa[m, j] = out_scale * Σ_k drop(x)[m, k] · A[i, j, k]      for j < rank_i
 //   xa[m, j] = 0                                                 for rank_i <= j < r_max, or i ∉ [0, L)
@@ -32,6 +44,7 @@ struct ShrinkArgs {
   int64_t M = 0, K = 0, r_max = 0, num_adapters = 0;
   float out_scale = 1.0f;
   DropoutArgs dropout;
+  TokenTiles grouped;                 // optional tile table (see TokenTiles)
 };
 
 // Expand (in place): for every row m with a valid adapter i (rows with i ∉ [0, L) are untouched):
@@ -58,6 +71,7 @@ struct ExpandArgs {
   IndexType ranks_type = IndexType::kInt64;
   int64_t M = 0, N = 0, r_max = 0, num_adapters = 0, col_offset = 0;
   DropoutArgs dropout;
+  TokenTiles grouped;                 // optional tile table (see TokenTiles)
 };
 
 cudaError_t launch_multi_lora_shrink(const ShrinkArgs& args, cudaStream_t stream);

@@ -28,9 +28,39 @@ at::Tensor checked_ranks(const std::optional<at::Tensor>& ranks_in, const at::De
   return ranks.contiguous();
 }
 
+// The optional tile table of a grouped launch (serving.LoRABatchMeta's sorted_token_ids [C >= M] and tiles
+// [3, T], int32): checked here, kept alive in `keep` for the launch. Empty TokenTiles when absent.
+TokenTiles checked_tiles(const std::optional<at::Tensor>& sorted_in, const std::optional<at::Tensor>& tiles_in,
+                         int64_t block_m, int64_t M, const at::Device device, const char* op, at::Tensor (&keep)[2]) {
+  TokenTiles g;
+  TORCH_CHECK(sorted_in.has_value() == tiles_in.has_value(), "lora_kernels.", op,
+              ": sorted_token_ids and tiles must be given together (a LoRABatchMeta's buffers)");
+  if (!tiles_in.has_value()) return g;
+  const at::Tensor& sorted = *sorted_in;
+  const at::Tensor& tiles = *tiles_in;
+  check_cuda(sorted, device, op, "sorted_token_ids");
+  check_cuda(tiles, device, op, "tiles");
+  TORCH_CHECK(sorted.scalar_type() == at::kInt && tiles.scalar_type() == at::kInt, "lora_kernels.", op,
+              ": sorted_token_ids and tiles must be int32, got ", sorted.scalar_type(), " and ", tiles.scalar_type());
+  TORCH_CHECK(sorted.dim() == 1 && sorted.size(0) >= M, "lora_kernels.", op, ": sorted_token_ids must be [C >= M=", M,
+              "], got ", sorted.sizes());
+  TORCH_CHECK(tiles.dim() == 2 && tiles.size(0) == 3, "lora_kernels.", op, ": tiles must be [3, T], got ", tiles.sizes());
+  TORCH_CHECK(block_m >= 1, "lora_kernels.", op, ": block_m must be >= 1 with a tile table, got ", block_m);
+  keep[0] = sorted.contiguous();
+  keep[1] = tiles.contiguous();
+  g.sorted_ids = keep[0].data_ptr<int32_t>();
+  g.tiles = keep[1].data_ptr<int32_t>();
+  g.num_tiles = keep[1].size(1);
+  g.block_m = block_m;
+  return g;
+}
+
 // xa [M, r_max] fp32: xa[m, j] = x[m] · lora_a[adapter_ids[m], j] for j < ranks[i], else 0 (0 for ids outside [0, L)).
+// With a tile table (grouped launch) the adapters come from the tiles and adapter_ids is not read.
 at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora_a_in, const at::Tensor& adapter_ids_in,
-                                  const std::optional<at::Tensor>& ranks_in) {
+                                  const std::optional<at::Tensor>& ranks_in,
+                                  const std::optional<at::Tensor>& sorted_token_ids,
+                                  const std::optional<at::Tensor>& tiles, int64_t block_m) {
   constexpr const char* op = "cuda_multi_lora_shrink";
   const at::Device device = x_in.device();
   check_cuda(x_in, device, op, "x");
@@ -50,9 +80,13 @@ at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora
   p.a_dtype = glue::kernel_dtype(lora_a_in, op, "lora_a");
   p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
   const at::Tensor ranks = checked_ranks(ranks_in, device, L, op, p.ranks_type);
+  at::Tensor keep[2];
+  p.grouped = checked_tiles(sorted_token_ids, tiles, block_m, M, device, op, keep);
 
   const glue::DeviceGuard guard(device);
-  at::Tensor xa = glue::kernel_output({M, r_max}, x_in.options().dtype(at::kFloat));
+  // A grouped launch never visits rows without an adapter: their xa must start at 0.
+  at::Tensor xa = p.grouped.tiles != nullptr ? at::zeros({M, r_max}, x_in.options().dtype(at::kFloat))
+                                             : glue::kernel_output({M, r_max}, x_in.options().dtype(at::kFloat));
   if (M == 0 || r_max == 0) return xa;
   glue::check_grid(M, (r_max + 3) / 4, op);
 
@@ -78,9 +112,12 @@ at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora
 }
 
 // y[m, col_offset + n] += scales[i] · Σ_{j<ranks[i]} xa[m, j] · lora_b[i, n, j] for i = adapter_ids[m] in [0, L).
+// With a tile table (grouped launch) the adapters come from the tiles and adapter_ids is not read.
 void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const at::Tensor& lora_b_in,
                              const at::Tensor& adapter_ids_in, const at::Tensor& scales_in,
-                             const std::optional<at::Tensor>& ranks_in, int64_t col_offset) {
+                             const std::optional<at::Tensor>& ranks_in, int64_t col_offset,
+                             const std::optional<at::Tensor>& sorted_token_ids, const std::optional<at::Tensor>& tiles,
+                             int64_t block_m) {
   constexpr const char* op = "cuda_multi_lora_expand_";
   const at::Device device = y.device();
   check_cuda(y, device, op, "y");
@@ -114,6 +151,8 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
   p.b_dtype = glue::kernel_dtype(lora_b_in, op, "lora_b");
   p.ids_type = glue::index_type(adapter_ids_in, op, "adapter_ids");
   const at::Tensor ranks = checked_ranks(ranks_in, device, L, op, p.ranks_type);
+  at::Tensor keep[2];
+  p.grouped = checked_tiles(sorted_token_ids, tiles, block_m, M, device, op, keep);
   if (M == 0 || N == 0 || r_max == 0) return;
   glue::check_grid(M, (N + 127) / 128, op);
 

@@ -158,6 +158,89 @@ def test_add_lora_packed_slices(dtype, M, widths, r_max):
     assert torch.equal(y[ids < 0], y0[ids < 0])
 
 
+def _zipf_ids(M, L, gen):
+    """Token→adapter ids with a Zipf-like popularity (adapter i has weight 1/(i+1)), some tokens without (-1)."""
+    w = 1.0 / torch.arange(1, L + 1, dtype=torch.float64)
+    ids = torch.multinomial(w, M, replacement=True, generator=gen)
+    ids[torch.rand(M, generator=gen) < 0.1] = -1
+    return ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,L,pattern", [(64, 4, "zipf"), (150, 7, "zipf"), (100, 1, "one"), (90, 5, "distinct"), (64, 3, "none")])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_grouped_launch_equals_per_token_launch(dtype, M, L, pattern, block_m):
+    """The grouped (tile-table) shrink/expand visit the same (token, adapter) pairs as the per-token launch and do
+    the same fp32 arithmetic in the same order: bit-identical xa and y, and both match the reference."""
+    from lora_kernels.serving import LoRABatchMeta
+
+    gen = torch.Generator().manual_seed(M * 31 + L + block_m)
+    K, r_max, widths = 72, 16, [40, 24]
+    if pattern == "zipf":
+        ids = _zipf_ids(M, L, gen)
+    elif pattern == "one":
+        ids = torch.zeros(M, dtype=torch.int64)
+    elif pattern == "distinct":
+        ids = torch.arange(M) % L
+    else:  # no token has an adapter
+        ids = torch.full((M,), -1)
+    ids = ids.to(torch.int32)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    A = [(torch.randn(L, r_max, K, generator=gen) / K**0.5).to(dtype) for _ in widths]
+    B = [torch.randn(L, w, r_max, generator=gen).to(dtype) for w in widths]
+    scales = torch.rand(L, generator=gen) + 0.5
+    ranks = torch.randint(1, r_max + 1, (L,), generator=gen)
+    meta = LoRABatchMeta(ids, L, block_m=block_m, max_tokens=M + 5)
+    tiles = (meta.sorted_token_ids, meta.tiles, meta.block_m)
+
+    xa_tok = ops.cuda_multi_lora_shrink(x, A[0], ids, ranks)
+    xa_grp = ops.cuda_multi_lora_shrink(x, A[0], ids, ranks, *tiles)
+    assert torch.equal(xa_grp, xa_tok), "grouped shrink differs from the per-token shrink"
+
+    y0 = torch.randn(M, sum(widths), generator=gen).to(dtype)
+    y_tok, y_grp = y0.clone(), y0.clone()
+    cuda_impl.add_lora_cuda(y_tok, x, A, B, ids, scales, ranks)
+    cuda_impl.add_lora_cuda(y_grp, x, A, B, ids, scales, ranks, meta=meta)
+    assert torch.equal(y_grp, y_tok), "grouped add_lora differs from the per-token add_lora"
+    expected = ref.add_lora_ref(y0.double(), x.double(), [a.double() for a in A], [b.double() for b in B], ids,
+                                scales.double(), ranks)
+    assert_close_rel(y_grp, expected, TOL[dtype], f"grouped add_lora {dtype}")
+    assert torch.equal(y_grp[ids < 0], y0[ids < 0])
+
+
+def test_grouped_launch_follows_meta_updates():
+    """One meta (fixed capacity), updated in place for a new batch: the grouped launch follows the new ids."""
+    from lora_kernels.serving import LoRABatchMeta
+
+    gen = torch.Generator().manual_seed(5)
+    M, L, K, N, r = 96, 6, 40, 24, 8
+    A, B = torch.randn(L, r, K, generator=gen), torch.randn(L, N, r, generator=gen)
+    scales = torch.rand(L, generator=gen)
+    meta = LoRABatchMeta(_zipf_ids(M, L, gen).to(torch.int32), L, block_m=32, max_tokens=128)
+    for _ in range(3):
+        ids = _zipf_ids(M, L, gen).to(torch.int32)
+        meta.update_(ids)
+        x, y = torch.randn(M, K, generator=gen), torch.randn(M, N, generator=gen)
+        expected = ref.add_lora_ref(y.double().clone(), x.double(), [A.double()], [B.double()], ids, scales.double())
+        cuda_impl.add_lora_cuda(y, x, [A], [B], ids, scales, None, meta=meta)
+        assert_close_rel(y, expected, TOL[torch.float32], "grouped add_lora after meta.update_")
+
+
+def test_grouped_args_are_checked():
+    from lora_kernels.serving import LoRABatchMeta
+
+    x, a, ids = torch.randn(70, 8), torch.randn(2, 4, 8), torch.zeros(70, dtype=torch.int32)
+    meta = LoRABatchMeta(ids, 2, block_m=16)
+    with pytest.raises(RuntimeError, match="must be given together"):
+        ops.cuda_multi_lora_shrink(x, a, ids, None, meta.sorted_token_ids, None, 16)
+    with pytest.raises(RuntimeError, match="must be int32"):
+        ops.cuda_multi_lora_shrink(x, a, ids, None, meta.sorted_token_ids.long(), meta.tiles, 16)
+    with pytest.raises(RuntimeError, match=r"tiles must be \[3, T\]"):
+        ops.cuda_multi_lora_shrink(x, a, ids, None, meta.sorted_token_ids, meta.tiles[:2], 16)
+    with pytest.raises(RuntimeError, match="sorted_token_ids must be \\[C >= M=70\\]"):
+        ops.cuda_multi_lora_shrink(x, a, ids, None, meta.sorted_token_ids[:50], meta.tiles, 16)
+
+
 # ------------------------------------------------------------------------------------------------
 # LoRA linear: forward, backward, dropout
 # ------------------------------------------------------------------------------------------------
@@ -250,7 +333,13 @@ def test_opcheck_cuda_ops():
     _, xa1 = ops.cuda_lora_linear_fwd(x, w, a, b, 0.5, bias, 0.1, 3)
     dy = torch.randn(M, N, dtype=torch.float16)
     wm = torch.randn(N, K, dtype=torch.bfloat16)
+    from lora_kernels.serving import LoRABatchMeta
+
+    meta = LoRABatchMeta(ids, L, block_m=16)
+    grp = (meta.sorted_token_ids, meta.tiles, meta.block_m)
     cases = [
+        (ops.cuda_multi_lora_shrink.default, (x, a3, ids, ranks, *grp)),
+        (ops.cuda_multi_lora_expand_.default, (y, xa, b3, ids, scales, ranks, 1, *grp)),
         (ops.cuda_multi_lora_shrink.default, (x, a3, ids, ranks)),
         (ops.cuda_multi_lora_shrink.default, (x, a3, ids, None)),
         (ops.cuda_multi_lora_expand_.default, (y, xa, b3, ids, scales, ranks, 2)),

@@ -582,3 +582,29 @@ def test_glue_errors_name_the_tensor(ext):
         ops.cuda_lora_linear_bwd(torch.randn(4, 6, device="cuda"), None, torch.randn(4, 2, device="cuda"), w,
                                  torch.randn(2, 8, device="cuda"), torch.randn(6, 2, device="cuda"), 1.0, 0.0, 0,
                                  [True, True, True, False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,L", [(64, 4), (2048, 8), (777, 128)])
+def test_grouped_launch_equals_per_token_launch_bf16(ext, M, L):
+    """bf16 on the GPU: the grouped (LoRABatchMeta tile table) launch gives the per-token launch's y bit for bit."""
+    from lora_kernels.ops.cuda_impl import add_lora_cuda
+    from lora_kernels.serving import LoRABatchMeta
+
+    torch.manual_seed(M + L)
+    K, r_max, widths = 4096, 16, [4096, 1024]
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    A = [torch.randn(L, r_max, K, dtype=torch.bfloat16, device="cuda") / K**0.5 for _ in widths]
+    B = [torch.randn(L, w, r_max, dtype=torch.bfloat16, device="cuda") for w in widths]
+    ids = torch.randint(-1, L, (M,), device="cuda", dtype=torch.int32)
+    scales = torch.rand(L, device="cuda") + 0.5
+    ranks = torch.randint(1, r_max + 1, (L,), device="cuda")
+    meta = LoRABatchMeta(ids, L)
+    y0 = torch.randn(M, sum(widths), dtype=torch.bfloat16, device="cuda")
+    y_tok, y_grp = y0.clone(), y0.clone()
+    add_lora_cuda(y_tok, x, A, B, ids, scales, ranks)
+    add_lora_cuda(y_grp, x, A, B, ids, scales, ranks, meta=meta)
+    assert torch.equal(y_grp, y_tok)
+    expected = ref.add_lora_ref(y0.double(), x.double(), [a.double() for a in A], [b.double() for b in B], ids,
+                                scales.double(), ranks)
+    assert_close_rel(y_grp, expected, TOL[torch.bfloat16], "grouped add_lora bf16")

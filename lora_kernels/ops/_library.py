@@ -38,10 +38,12 @@ SCHEMAS = {
     "merge_": "merge_(Tensor(a!) weight, Tensor[] lora_a, Tensor[] lora_b, float[] scales, str backend) -> ()",
     # --- CUDA extension kernels (C++ implementation only) ---
     # xa[m, :ranks[i]] = x[m] · lora_a[i, :ranks[i]]ᵀ for i = adapter_ids[m] >= 0; other entries 0. fp32 [M, r_max]
-    "cuda_multi_lora_shrink": "cuda_multi_lora_shrink(Tensor x, Tensor lora_a, Tensor adapter_ids, Tensor? ranks) -> Tensor",
+    # (with sorted_token_ids + tiles of a serving.LoRABatchMeta: the grouped launch, adapters taken from the tiles)
+    "cuda_multi_lora_shrink": "cuda_multi_lora_shrink(Tensor x, Tensor lora_a, Tensor adapter_ids, Tensor? ranks, "
+    "Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0) -> Tensor",
     # y[m, col_offset + n] += scales[i] · Σ_j<ranks[i] xa[m, j] · lora_b[i, n, j]   for i = adapter_ids[m] >= 0
     "cuda_multi_lora_expand_": "cuda_multi_lora_expand_(Tensor(a!) y, Tensor xa, Tensor lora_b, Tensor adapter_ids, "
-    "Tensor scales, Tensor? ranks, int col_offset) -> ()",
+    "Tensor scales, Tensor? ranks, int col_offset, Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0) -> ()",
     # lora_linear_fwd on the extension (x [M, K] 2-D): (y [M, N] x.dtype, xa [M, r] fp32)
     "cuda_lora_linear_fwd": "cuda_lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
     "Tensor? bias, float dropout_p, int seed) -> (Tensor, Tensor)",
@@ -149,13 +151,11 @@ def _add_lora_meta_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, sorted_tok
         return
     if backend == "torch":
         ref.add_lora_ref(y, x, lora_a, lora_b, adapter_ids, scales, ranks)
-    elif backend == "triton":
+    else:
         from ..serving import LoRABatchMeta
 
         meta = LoRABatchMeta.from_buffers(sorted_token_ids, tiles, block_m)
         _launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks, meta=meta)
-    else:  # backends without a metadata path ignore it
-        _launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks)
 
 
 def _merge_(weight, lora_a, lora_b, scales, backend):
@@ -217,12 +217,13 @@ def _merge_fake(weight, lora_a, lora_b, scales, backend):
 
 
 @torch.library.register_fake("lora_kernels::cuda_multi_lora_shrink", lib=lib)
-def _cuda_multi_lora_shrink_fake(x, lora_a, adapter_ids, ranks):
+def _cuda_multi_lora_shrink_fake(x, lora_a, adapter_ids, ranks, sorted_token_ids=None, tiles=None, block_m=0):
     return x.new_empty((x.shape[0], lora_a.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("lora_kernels::cuda_multi_lora_expand_", lib=lib)
-def _cuda_multi_lora_expand_fake(y, xa, lora_b, adapter_ids, scales, ranks, col_offset):
+def _cuda_multi_lora_expand_fake(y, xa, lora_b, adapter_ids, scales, ranks, col_offset, sorted_token_ids=None, tiles=None,
+                                 block_m=0):
     return None
 
 
