@@ -264,6 +264,14 @@ inline bool valid_dtype(DType dt) {
   return dt == DType::kFloat16 || dt == DType::kBFloat16 || dt == DType::kFloat32;
 }
 
+// A grouped launch's tile table (TokenTiles) is complete and has tiles (num_tiles == 0: nothing to do).
+inline bool usable_tiles(const TokenTiles& g) { return g.sorted_ids != nullptr && g.num_tiles > 0 && g.block_m > 0; }
+
+// Blocks along the grid's x: one per `tokens`-token group of every tile (grouped) or of the M rows.
+inline int64_t token_blocks(const TokenTiles& g, int64_t M, int tokens) {
+  return g.tiles != nullptr ? g.num_tiles * ceil_div(g.block_m, tokens) : ceil_div(M, tokens);
+}
+
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 
@@ -279,12 +287,11 @@ cudaError_t launch_multi_lora_shrink(const ShrinkArgs& p, cudaStream_t stream) {
   // chunk of A is loaded once per 8 tokens. Multi-adapter with many tokens: 1 token × 16 rank rows (each x chunk
   // reused 4×). Few tokens (decode): one rank row per warp, so more warps share the work.
   const bool grouped = p.grouped.tiles != nullptr;
-  if (grouped && (p.grouped.sorted_ids == nullptr || p.grouped.num_tiles <= 0 || p.grouped.block_m <= 0))
-    return p.grouped.num_tiles == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if (grouped && !usable_tiles(p.grouped)) return p.grouped.num_tiles == 0 ? cudaSuccess : cudaErrorInvalidValue;
   const bool many = p.M >= 64 || grouped;
   const int rows_per_warp = many ? 4 : 1;
   const int tokens = (grouped || (many && p.adapter_ids == nullptr)) ? 8 : 1;
-  const int64_t grid_x = grouped ? p.grouped.num_tiles * ceil_div(p.grouped.block_m, tokens) : ceil_div(p.M, tokens);
+  const int64_t grid_x = token_blocks(p.grouped, p.M, tokens);
   const int64_t grid_y = ceil_div(p.r_max, static_cast<int64_t>(kShrinkWarps) * rows_per_warp);
   if (grid_y > kMaxGridY || grid_x > kMaxGridX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
@@ -316,10 +323,9 @@ cudaError_t launch_multi_lora_expand(const ExpandArgs& p, cudaStream_t stream) {
   // Single adapter with many tokens (lora_linear) and grouped launches: each thread handles 8 tokens of one
   // adapter, so B is read once per 8 tokens.
   const bool grouped = p.grouped.tiles != nullptr;
-  if (grouped && (p.grouped.sorted_ids == nullptr || p.grouped.num_tiles <= 0 || p.grouped.block_m <= 0))
-    return p.grouped.num_tiles == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if (grouped && !usable_tiles(p.grouped)) return p.grouped.num_tiles == 0 ? cudaSuccess : cudaErrorInvalidValue;
   const int tokens = (grouped || (p.M >= 64 && p.adapter_ids == nullptr)) ? 8 : 1;
-  const int64_t grid_x = grouped ? p.grouped.num_tiles * ceil_div(p.grouped.block_m, tokens) : ceil_div(p.M, tokens);
+  const int64_t grid_x = token_blocks(p.grouped, p.M, tokens);
   const int64_t grid_y = ceil_div(p.N, kExpandThreads);
   if (grid_y > kMaxGridY || grid_x > kMaxGridX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
