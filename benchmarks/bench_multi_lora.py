@@ -152,7 +152,7 @@ def variant_fn(variant: str, inp: dict, y: torch.Tensor, meta) -> Optional[Calla
     if variant.startswith("triton:"):
         strat = variant.split(":", 1)[1]
         # the launcher directly: same kernels as add_lora(backend="triton") minus validation, strategy forced
-        return lambda: multi_lora.add_lora_triton(y, x, A, B, ids, sc, rk, meta=meta, strategy=strat)
+        return lambda: multi_lora.add_lora_triton(y, x, A, B, ids, sc, rk, groups=meta.groups, strategy=strat)
     if variant == "cuda":
         return lambda: lora_kernels.add_lora(y, x, A, B, ids, sc, rk, backend="cuda", meta=meta)
     if variant == "cuda:token":

@@ -1,6 +1,6 @@
 // Torch glue of the LoRA linear layer on the CUDA extension: implements lora_kernels::cuda_lora_linear_fwd,
 // lora_kernels::cuda_lora_linear_bwd and lora_kernels::cuda_lora_dropout (schemas and fakes live in
-// lora_kernels/ops/_library.py; semantics are reference.lora_linear_fwd_ref / lora_linear_bwd_ref).
+// lora_kernels/ops/lora_linear.py; semantics are reference.lora_linear_fwd_ref / lora_linear_bwd_ref).
 //
 // Composition (base GEMMs are cuBLAS through ATen, the LoRA branch is custom kernels):
 //   forward   xa = drop(x)·Aᵀ                    shrink kernel (fp32 out, dropout hash fused)
@@ -30,7 +30,6 @@ namespace lora_kernels {
 namespace {
 
 using glue::check_cuda;
-using glue::check_dim;
 
 // Row chunks of the backward's fp32 GEMMs: at most kChunkBytes of fp32 copy per chunk (the CPU emulator's
 // build sets a tiny value so that its small test shapes cross chunk boundaries).
@@ -47,12 +46,9 @@ void check_dropout_p(double p, const char* op) {
 // Shapes/dtypes/devices shared by forward and backward: weight [N, K], lora_a [r, K], lora_b [N, r].
 void check_weights(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Device& device,
                    const char* op) {
-  check_cuda(weight, device, op, "weight");
-  check_cuda(lora_a, device, op, "lora_a");
-  check_cuda(lora_b, device, op, "lora_b");
-  check_dim(weight, 2, op, "weight", "[N, K]");
-  check_dim(lora_a, 2, op, "lora_a", "[r, K]");
-  check_dim(lora_b, 2, op, "lora_b", "[N, r]");
+  glue::check_operands(device, op, {{weight, "weight", 2, "[N, K]"},
+                                    {lora_a, "lora_a", 2, "[r, K]"},
+                                    {lora_b, "lora_b", 2, "[N, r]"}});
   const int64_t N = weight.size(0), K = weight.size(1), r = lora_a.size(0);
   TORCH_CHECK(lora_a.size(1) == K, "lora_kernels.", op, ": lora_a must be [r, K=", K, "] (weight is ", weight.sizes(),
               "), got ", lora_a.sizes());
@@ -149,8 +145,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_linear_fwd(const at::Tensor& x, con
                                                         int64_t seed) {
   constexpr const char* op = "cuda_lora_linear_fwd";
   const at::Device device = x.device();
-  check_cuda(x, device, op, "x");
-  check_dim(x, 2, op, "x", "[M, K]");
+  glue::check_operands(device, op, {{x, "x", 2, "[M, K]"}});
   glue::kernel_dtype(x, op, "x");
   check_weights(weight, lora_a, lora_b, device, op);
   TORCH_CHECK(x.size(1) == weight.size(1), "lora_kernels.", op, ": x ", x.sizes(), " has ", x.size(1),
@@ -158,8 +153,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_linear_fwd(const at::Tensor& x, con
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "lora_kernels.", op, ": weight dtype ", weight.scalar_type(),
               " must equal x dtype ", x.scalar_type());
   if (bias.has_value()) {
-    check_cuda(*bias, device, op, "bias");
-    check_dim(*bias, 1, op, "bias", "[N]");
+    glue::check_operands(device, op, {{*bias, "bias", 1, "[N]"}});
     TORCH_CHECK(bias->size(0) == weight.size(0), "lora_kernels.", op, ": bias must be [N=", weight.size(0), "], got ",
                 bias->sizes());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "lora_kernels.", op, ": bias dtype ", bias->scalar_type(),
@@ -168,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_linear_fwd(const at::Tensor& x, con
   check_dropout_p(dropout_p, op);
   const glue::DeviceGuard guard(device);
   const int64_t M = x.size(0), r = lora_a.size(0);
-  const DropoutArgs dropout = glue::make_dropout(dropout_p, seed);
+  const DropoutArgs dropout = make_dropout_args(dropout_p, seed);
 
   at::Tensor xa = glue::kernel_output({M, r}, x.options().dtype(at::kFloat));
   single_shrink(x, lora_a, xa, 1.0f, dropout, op);
@@ -187,8 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
   const bool need_dx = output_mask.get(0), need_da = output_mask.get(1), need_db = output_mask.get(2),
              need_dw = output_mask.get(3);
   const at::Device device = dy.device();
-  check_cuda(dy, device, op, "dy");
-  check_dim(dy, 2, op, "dy", "[M, N]");
+  glue::check_operands(device, op, {{dy, "dy", 2, "[M, N]"}});
   glue::kernel_dtype(dy, op, "dy");
   check_weights(weight, lora_a, lora_b, device, op);
   const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1), r = lora_a.size(0);
@@ -213,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
               ": x is required for dA / dW0 (output_mask asks for them) but was not given");
   check_dropout_p(dropout_p, op);
   const glue::DeviceGuard guard(device);
-  const DropoutArgs dropout = glue::make_dropout(dropout_p, seed);
+  const DropoutArgs dropout = make_dropout_args(dropout_p, seed);
 
   at::Tensor dx = dy.new_empty({0});
   at::Tensor da = lora_a.new_empty({0});
@@ -264,12 +257,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_lora_linear_bwd(
 // drop(x) in fp32: x · keep / (1 − p) with the seeded mask of reference.dropout_keep_mask (for tests and dA).
 at::Tensor cuda_lora_dropout(const at::Tensor& x, double dropout_p, int64_t seed) {
   constexpr const char* op = "cuda_lora_dropout";
-  check_cuda(x, x.device(), op, "x");
-  check_dim(x, 2, op, "x", "[M, K]");
+  glue::check_operands(x.device(), op, {{x, "x", 2, "[M, K]"}});
   glue::kernel_dtype(x, op, "x");
   check_dropout_p(dropout_p, op);
   const glue::DeviceGuard guard(x.device());
-  return dropout_to_float(x, glue::make_dropout(dropout_p, seed), op);
+  return dropout_to_float(x, make_dropout_args(dropout_p, seed), op);
 }
 
 }  // namespace

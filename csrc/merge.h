@@ -10,7 +10,7 @@
 
 namespace lora_kernels {
 
-// One thread block owns a kMergeTileN x kMergeTileK tile of W (lora_kernels/ops/cuda_merge.py mirrors these).
+// One thread block owns a kMergeTileN x kMergeTileK tile of W (lora_kernels/cuda/merge.py mirrors these; tests/test_architecture.py checks it).
 constexpr int kMergeTileN = 32;
 constexpr int kMergeTileK = 128;
 

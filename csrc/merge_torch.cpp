@@ -1,5 +1,5 @@
 // Torch glue of the fused merge kernels: implements lora_kernels::cuda_merge_ and lora_kernels::cuda_merge_exact_
-// (schemas and fakes live in lora_kernels/ops/_library.py; the Python launchers in lora_kernels/ops/cuda_merge.py).
+// (schemas and fakes live in lora_kernels/ops/merge.py; the Python launchers in lora_kernels/cuda/merge.py).
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -12,21 +12,15 @@ namespace lora_kernels {
 namespace {
 
 using glue::check_cuda;
-using glue::check_dim;
 
 MergeArgs make_args(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                     const at::Tensor& rank_starts, const at::Tensor& scales, const char* op) {
   const at::Device device = weight.device();
-  check_cuda(weight, device, op, "weight");
-  check_cuda(lora_a, device, op, "lora_a");
-  check_cuda(lora_b, device, op, "lora_b");
-  check_cuda(rank_starts, device, op, "rank_starts");
-  check_cuda(scales, device, op, "scales");
-  check_dim(weight, 2, op, "weight", "[N, K]");
-  check_dim(lora_a, 2, op, "lora_a", "[R, K]");
-  check_dim(lora_b, 2, op, "lora_b", "[N, R]");
-  check_dim(rank_starts, 1, op, "rank_starts", "[n_adapters + 1]");
-  check_dim(scales, 1, op, "scales", "[n_adapters]");
+  glue::check_operands(device, op, {{weight, "weight", 2, "[N, K]"},
+                                    {lora_a, "lora_a", 2, "[R, K]"},
+                                    {lora_b, "lora_b", 2, "[N, R]"},
+                                    {rank_starts, "rank_starts", 1, "[n_adapters + 1]"},
+                                    {scales, "scales", 1, "[n_adapters]"}});
   const int64_t N = weight.size(0), K = weight.size(1), R = lora_a.size(0);
   TORCH_CHECK(lora_a.size(1) == K, "lora_kernels.", op, ": lora_a must be [R, K=", K, "], got ", lora_a.sizes());
   TORCH_CHECK(lora_b.size(0) == N && lora_b.size(1) == R, "lora_kernels.", op, ": lora_b must be [N=", N, ", R=", R,
@@ -80,15 +74,15 @@ void cuda_merge_exact_(const at::Tensor& weight, const at::Tensor& lora_a, const
   constexpr const char* op = "cuda_merge_exact_";
   MergeArgs p = make_args(weight, lora_a, lora_b, rank_starts, scales, op);
   const at::Device device = weight.device();
-  check_cuda(counters, device, op, "counters");
-  check_cuda(repair_index, device, op, "repair_index");
-  check_cuda(repair_bits, device, op, "repair_bits");
-  check_cuda(overflow_tiles, device, op, "overflow_tiles");
+  glue::check_operands(device, op, {{counters, "counters", 1, "[4]"},
+                                    {repair_index, "repair_index", 1, "[capacity]"},
+                                    {repair_bits, "repair_bits", 1, "[capacity]"},
+                                    {overflow_tiles, "overflow_tiles", 1, "[tiles]"}});
   TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous() && counters.numel() >= 4, "lora_kernels.",
               op, ": counters must be a contiguous int32 tensor of 4 zeros");
   TORCH_CHECK(repair_index.is_contiguous() && (repair_index.scalar_type() == at::kInt || repair_index.scalar_type() == at::kLong),
               "lora_kernels.", op, ": repair_index must be a contiguous int32 or int64 tensor");
-  // int32 holds every logical index n*K + k <= numel - 1 while numel <= 2^31 (ops/cuda_merge.py picks int32 below 2^31).
+  // int32 holds every logical index n*K + k <= numel - 1 while numel <= 2^31 (ops/merge.collect_repair_list picks int32 below 2^31).
   TORCH_CHECK(repair_index.scalar_type() == at::kLong || weight.numel() <= 2147483648LL, "lora_kernels.", op,
               ": weight has more than 2^31 elements: repair_index must be int64");
   const auto bits_type = weight.scalar_type() == at::kFloat ? at::kInt : at::kShort;

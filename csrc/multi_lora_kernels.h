@@ -11,7 +11,7 @@
 
 namespace lora_kernels {
 
-// Grouped launches (prefill; serving.LoRABatchMeta): with `tiles` set, the kernels walk a tile table instead of
+// Grouped launches (prefill; ops.multi_lora.LoRABatchMeta): with `tiles` set, the kernels walk a tile table instead of
 // the rows. Tile t covers the sorted positions [tiles[T + t], tiles[2T + t]) (at most block_m of them) of adapter
 // tiles[t] (-1: unused tile), T = num_tiles; the row at sorted position q is sorted_ids[q]. Blocks then take 8
 // tokens of one adapter, so each chunk of A / B is loaded once per 8 tokens. Rows in no tile (no adapter) are

@@ -1,5 +1,5 @@
 // Torch glue of the multi-adapter kernels: implements lora_kernels::cuda_multi_lora_shrink and
-// lora_kernels::cuda_multi_lora_expand_ (schemas and fakes live in lora_kernels/ops/_library.py).
+// lora_kernels::cuda_multi_lora_expand_ (schemas and fakes live in lora_kernels/ops/multi_lora.py).
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -28,7 +28,7 @@ at::Tensor checked_ranks(const std::optional<at::Tensor>& ranks_in, const at::De
   return ranks.contiguous();
 }
 
-// The optional tile table of a grouped launch (serving.LoRABatchMeta's sorted_token_ids [C >= M] and tiles
+// The optional tile table of a grouped launch (ops.multi_lora.LoRABatchMeta's sorted_token_ids [C >= M] and tiles
 // [3, T], int32): checked here, kept alive in `keep` for the launch. Empty TokenTiles when absent.
 TokenTiles checked_tiles(const std::optional<at::Tensor>& sorted_in, const std::optional<at::Tensor>& tiles_in,
                          int64_t block_m, int64_t M, const at::Device device, const char* op, at::Tensor (&keep)[2]) {
@@ -63,12 +63,9 @@ at::Tensor cuda_multi_lora_shrink(const at::Tensor& x_in, const at::Tensor& lora
                                   const std::optional<at::Tensor>& tiles, int64_t block_m) {
   constexpr const char* op = "cuda_multi_lora_shrink";
   const at::Device device = x_in.device();
-  check_cuda(x_in, device, op, "x");
-  check_cuda(lora_a_in, device, op, "lora_a");
-  check_cuda(adapter_ids_in, device, op, "adapter_ids");
-  check_dim(x_in, 2, op, "x", "[M, K]");
-  check_dim(lora_a_in, 3, op, "lora_a", "[L, r_max, K]");
-  check_dim(adapter_ids_in, 1, op, "adapter_ids", "[M]");
+  glue::check_operands(device, op, {{x_in, "x", 2, "[M, K]"},
+                                    {lora_a_in, "lora_a", 3, "[L, r_max, K]"},
+                                    {adapter_ids_in, "adapter_ids", 1, "[M]"}});
   const int64_t M = x_in.size(0), K = x_in.size(1);
   const int64_t L = lora_a_in.size(0), r_max = lora_a_in.size(1);
   TORCH_CHECK(lora_a_in.size(2) == K, "lora_kernels.", op, ": lora_a must be [L, r_max, K=", K, "] to match x ",
@@ -120,16 +117,11 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
                              int64_t block_m) {
   constexpr const char* op = "cuda_multi_lora_expand_";
   const at::Device device = y.device();
-  check_cuda(y, device, op, "y");
-  check_cuda(xa_in, device, op, "xa");
-  check_cuda(lora_b_in, device, op, "lora_b");
-  check_cuda(adapter_ids_in, device, op, "adapter_ids");
-  check_cuda(scales_in, device, op, "scales");
-  check_dim(y, 2, op, "y", "[M, N_total]");
-  check_dim(xa_in, 2, op, "xa", "[M, r_max]");
-  check_dim(lora_b_in, 3, op, "lora_b", "[L, N, r_max]");
-  check_dim(adapter_ids_in, 1, op, "adapter_ids", "[M]");
-  check_dim(scales_in, 1, op, "scales", "[L]");
+  glue::check_operands(device, op, {{y, "y", 2, "[M, N_total]"},
+                                    {xa_in, "xa", 2, "[M, r_max]"},
+                                    {lora_b_in, "lora_b", 3, "[L, N, r_max]"},
+                                    {adapter_ids_in, "adapter_ids", 1, "[M]"},
+                                    {scales_in, "scales", 1, "[L]"}});
   const int64_t M = y.size(0);
   const int64_t L = lora_b_in.size(0), N = lora_b_in.size(1), r_max = lora_b_in.size(2);
   TORCH_CHECK(xa_in.scalar_type() == at::kFloat, "lora_kernels.", op, ": xa must be float32 (the shrink output), got ",

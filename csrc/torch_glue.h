@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -60,6 +61,22 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const ch
   TORCH_CHECK(t.dim() == dim, "lora_kernels.", op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ", t.sizes());
 }
 
+// One operand of an op: the tensor, its name in messages, and its expected layout ("[M, K]": 2-D).
+struct Operand {
+  const at::Tensor& t;
+  const char* name;
+  int64_t dim;
+  const char* layout;
+};
+
+// Every operand on `device` (see check_cuda) with its expected number of dimensions.
+inline void check_operands(const at::Device& device, const char* op, std::initializer_list<Operand> operands) {
+  for (const Operand& o : operands) {
+    check_cuda(o.t, device, op, o.name);
+    check_dim(o.t, o.dim, op, o.name, o.layout);
+  }
+}
+
 // The kernels need the innermost dimension contiguous (any other strides are passed through): copy otherwise.
 inline at::Tensor inner_contiguous(const at::Tensor& t) {
   return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
@@ -96,8 +113,6 @@ inline void check_grid(int64_t rows, int64_t tiles, const char* op) {
   TORCH_CHECK(rows <= 2147483647LL, "lora_kernels.", op, ": at most 2^31 - 1 rows supported, got ", rows);
   TORCH_CHECK(tiles <= 65535, "lora_kernels.", op, ": the output is too wide for one launch (", tiles, " tiles > 65535)");
 }
-
-inline DropoutArgs make_dropout(double p, int64_t seed) { return make_dropout_args(p, seed); }
 
 #ifdef LORA_KERNELS_EMULATE_CUDA
 inline cudaStream_t current_stream() { return nullptr; }

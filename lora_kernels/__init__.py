@@ -8,7 +8,8 @@ Public API:
 from ._backend import BackendUnavailableError, backend_report, resolve_backend
 from ._checks import LoRAInputError
 from ._ext import load as load_extension
-from .functional import LoRALinearFunction, add_lora, lora_linear, merge_, unmerge_
+from . import functional as _functional
+from .functional import *  # noqa: F401,F403  (the functional API: every name in functional.__all__)
 from .exact_merge import MergeOverflowError, MergeRecord, merge_exact_, unmerge_exact_
 from .modules import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from .reference import lora_scale
@@ -16,15 +17,11 @@ from .reference import lora_scale
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora_linear",
-    "LoRALinearFunction",
+    *_functional.__all__,
     "LoRALinear",
     "inject_lora",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
-    "add_lora",
-    "merge_",
-    "unmerge_",
     "merge_exact_",
     "unmerge_exact_",
     "MergeRecord",

@@ -1,7 +1,7 @@
 """Loader for the CUDA extension built from ``csrc/``.
 
 The extension only *implements* ops whose schemas and fake kernels are declared in
-``lora_kernels/ops/_library.py`` (it contributes ``TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m)``), so
+``lora_kernels/ops/<family>.py`` (it contributes ``TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m)``), so
 importing lora_kernels never needs it.
 
 Order of attempts, once per process:
@@ -14,7 +14,6 @@ Any failure warns once and records the reason; callers then fall back to another
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import threading
@@ -34,6 +33,11 @@ ENV_VERBOSE = "LORA_KERNELS_VERBOSE_BUILD"
 
 def is_loaded() -> bool:
     return _state["loaded"]
+
+
+def was_tried() -> bool:
+    """Whether a load was attempted in this process (it is attempted once)."""
+    return _state["tried"]
 
 
 def load_failure_reason() -> Optional[str]:
@@ -102,9 +106,11 @@ def _load(verbose: Optional[bool]) -> bool:
     if root is None:
         return _fail("csrc/ sources not found (install from a source checkout, or build ahead of time)")
     try:
+        import fcntl  # POSIX only; imported here so that `import lora_kernels` works on Windows
+
         from torch.utils import cpp_extension
     except Exception as e:  # pragma: no cover
-        return _fail(f"torch.utils.cpp_extension unavailable: {e}")
+        return _fail(f"JIT build unavailable: {type(e).__name__}: {e}")
     srcs = sources(root)
     major, minor = torch.cuda.get_device_capability()
     digest = hashlib.sha256()

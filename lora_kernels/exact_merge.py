@@ -40,7 +40,7 @@ torch path (``tests/test_merge.py::test_repair_fraction_realistic``: bf16 W ~ N(
 repair list of 2.9 % / 6.6 % / 17.1 % of W's bytes. The failures are dominated by elements that the update
 pushes into a coarser binade (their merged value has half the resolution, so a bit is truly lost), which is
 why the fraction grows with |ΔW|/|W| (roughly ∝ ρ·ln(1/ρ)). A denser encoding (per-tile 16-bit local index
-+ ulp offset) would cut the bytes about 3×; not done yet. The adapter snapshot adds ``Σ rᵢ·(N + K)·elt`` bytes
++ ulp offset) would cut the bytes about 3×. The adapter snapshot adds ``Σ rᵢ·(N + K)·elt`` bytes
 (0.8 % of a 4096×4096 W at r = 16, 3.1 % at r = 64); ``snapshot=False`` drops it.
 
 Overflow (fp16 / bf16 / fp32 values whose merged value is ±inf)
@@ -52,7 +52,7 @@ the record and raises :class:`MergeOverflowError` — W is unchanged when the er
 
 The exact merge synchronises once (to size the repair list), so it cannot be captured in a CUDA graph;
 the plain ``merge_`` / ``unmerge_`` can (while capturing, per-adapter scales and rank offsets reach the device
-through fill kernels, ``ops._operands.small_tensor``; checked by a GPU test, not yet run on a GPU).
+through fill kernels, ``ops.merge.small_tensor``).
 """
 
 from __future__ import annotations
@@ -62,16 +62,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _checks
-from ._backend import BackendUnavailableError, resolve_backend, why_not
-from ._checks import LoRAInputError
+from ._backend import resolve_backend
+from ._checks import LoRAInputError, check_float
 from .functional import TensorOrList, merge_inputs
-from .ops._operands import BITS_DTYPE
-from .reference import compute_dtype
+from .ops import launcher
+from .ops.merge import BITS_DTYPE
 
 __all__ = ["MergeRecord", "MergeOverflowError", "merge_exact_", "unmerge_exact_"]
-
-
 
 
 class MergeOverflowError(LoRAInputError):
@@ -148,73 +145,6 @@ class MergeRecord:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends: each returns (repair_index, repair_bits, n_nonfinite, config) and leaves W' in weight.
-# ----------------------------------------------------------------------------------------------
-
-
-def _delta_torch(weight, lora_a, lora_b, scales) -> torch.Tensor:
-    """Δ = Σᵢ sᵢ·(Bᵢ·Aᵢ) in fp32 (fp64 for fp64 W), the reference's formula; deterministic for fixed inputs."""
-    acc = compute_dtype(weight.dtype)
-    delta = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    for a, b, s in zip(lora_a, lora_b, scales):
-        delta += float(s) * (b.to(acc) @ a.to(acc))
-    return delta
-
-
-def _merge_exact_torch(weight, lora_a, lora_b, scales, config=None):
-    acc = compute_dtype(weight.dtype)
-    ib = BITS_DTYPE[weight.dtype]
-    delta = _delta_torch(weight, lora_a, lora_b, scales)
-    out = (weight.to(acc) + delta).to(weight.dtype)
-    back = (out.to(acc) - delta).to(weight.dtype)  # what _unmerge_plain computes from W' = out
-    bad = back.view(ib) != weight.view(ib)
-    rows, cols = bad.nonzero(as_tuple=True)
-    idx_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
-    index = (rows * weight.shape[1] + cols).to(idx_dtype)
-    bits = weight.view(ib)[rows, cols].clone()
-    n_nonfinite = int((torch.isfinite(weight) & ~torch.isfinite(out)).sum())
-    weight.copy_(out)
-    return index, bits, n_nonfinite, None
-
-
-def _unmerge_plain_torch(weight, lora_a, lora_b, scales, config=None):
-    acc = compute_dtype(weight.dtype)
-    delta = _delta_torch(weight, lora_a, lora_b, scales)
-    weight.copy_((weight.to(acc) - delta).to(weight.dtype))
-
-
-def _merge_exact_triton(weight, lora_a, lora_b, scales, config=None):
-    from .triton.merge import merge_exact_triton
-
-    return merge_exact_triton(weight, lora_a, lora_b, scales, config=config)
-
-
-def _unmerge_plain_triton(weight, lora_a, lora_b, scales, config=None):
-    from .triton.merge import merge_triton
-
-    merge_triton(weight, lora_a, lora_b, [-s for s in scales], config=config)
-
-
-def _merge_exact_cuda(weight, lora_a, lora_b, scales, config=None):
-    from .ops.cuda_merge import merge_exact_cuda
-
-    return merge_exact_cuda(weight, lora_a, lora_b, scales)
-
-
-def _unmerge_plain_cuda(weight, lora_a, lora_b, scales, config=None):
-    from .ops.cuda_merge import merge_cuda
-
-    merge_cuda(weight, lora_a, lora_b, [-s for s in scales])
-
-
-_EXACT = {
-    "torch": (_merge_exact_torch, _unmerge_plain_torch),
-    "triton": (_merge_exact_triton, _unmerge_plain_triton),
-    "cuda": (_merge_exact_cuda, _unmerge_plain_cuda),
-}
-
-
-# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 
@@ -244,17 +174,7 @@ def merge_exact_(
     lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
     if on_overflow not in ("raise", "keep"):
         raise LoRAInputError(f"lora_kernels.{op}: on_overflow must be 'raise' or 'keep', got {on_overflow!r}")
-    be = resolve_backend("merge", weight, *lora_a, *lora_b, backend=backend)
-    if be == "cuda":
-        from .ops import cuda_merge
-
-        if not cuda_merge.has_exact_kernel():
-            if backend is not None:
-                raise BackendUnavailableError(
-                    "backend 'cuda' cannot run lora_kernels.merge_exact_: the loaded extension has no cuda_merge_exact_ kernel"
-                )
-            tensors = [weight, *lora_a, *lora_b]
-            be = "triton" if not why_not("triton", "merge", tensors) else "torch"
+    be = resolve_backend("merge_exact", weight, *lora_a, *lora_b, backend=backend)
     with torch.no_grad():
         if snapshot:
             a_ops = [a.detach().clone(memory_format=torch.preserve_format) for a in lora_a]
@@ -264,8 +184,7 @@ def merge_exact_(
             a_ops = [a.detach() for a in lora_a]
             b_ops = [b.detach() for b in lora_b]
             versions = tuple(_version(t) for t in lora_a + lora_b)
-        merge_fn, _ = _EXACT[be]
-        index, bits, n_nonfinite, config = merge_fn(weight, a_ops, b_ops, scales, None)
+        index, bits, n_nonfinite, config = launcher("merge_exact", be)(weight, a_ops, b_ops, scales)
         record = MergeRecord(
             backend=be, config=config, lora_a=a_ops, lora_b=b_ops, scales=tuple(scales), snapshot=snapshot,
             adapter_versions=versions, weight_ptr=weight.data_ptr(), weight_shape=tuple(weight.shape),
@@ -288,7 +207,7 @@ def _check_record(op: str, weight: torch.Tensor, record, backend: Optional[str])
         raise LoRAInputError(f"lora_kernels.{op}: record must be the MergeRecord returned by merge_exact_, got {type(record).__name__}")
     if record.consumed:
         raise LoRAInputError(f"lora_kernels.{op}: this MergeRecord was already used by an unmerge (records are single-use)")
-    _checks.check_float(op, "weight", weight)
+    check_float(op, "weight", weight)
     mine = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device)
     theirs = (record.weight_ptr, record.weight_shape, record.weight_stride, record.weight_dtype, record.weight_device)
     if mine != theirs:
@@ -318,8 +237,8 @@ def _check_record(op: str, weight: torch.Tensor, record, backend: Optional[str])
 
 
 def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
-    _, unmerge_fn = _EXACT[record.backend]
-    unmerge_fn(weight, record.lora_a, record.lora_b, list(record.scales), record.config)
+    # the plain merge of the same backend and launch config with negated scales forms exactly −Δ
+    launcher("merge", record.backend)(weight, record.lora_a, record.lora_b, [-s for s in record.scales], record.config)
     if record.n_repairs:
         K = weight.shape[1]
         idx = record.repair_index.to(torch.int64)

@@ -1,7 +1,8 @@
 """Functional API and the thin autograd.Function over the registered ops.
 
-Validation (``_checks``) and backend choice (``_backend.resolve_backend``) happen here, before any
-kernel runs; kernels are reached only through ``torch.ops.lora_kernels.*``.
+Validation (each op family's ``check_*`` in ``ops/<family>.py``) and backend choice
+(``_backend.resolve_backend``) happen here, before any kernel runs; kernels are reached only through
+``torch.ops.lora_kernels.*``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from . import _checks
 from ._backend import resolve_backend
-from .ops import _library  # noqa: F401  (registers torch.ops.lora_kernels)
+from .ops.lora_linear import check_lora_linear
+from .ops.merge import check_merge
+from .ops.multi_lora import check_add_lora
+
+__all__ = ["LoRALinearFunction", "lora_linear", "add_lora", "merge_", "unmerge_"]  # re-exported by lora_kernels
 
 _ops = torch.ops.lora_kernels
 
@@ -33,7 +37,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend):
         K = x.shape[-1]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
@@ -57,9 +61,9 @@ class LoRALinearFunction(torch.autograd.Function):
             da = da if need[2] else None
             db = db if need[3] else None
             dw = dw if need[1] else None
-        if need[4]:
+        if need[5]:
             dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if dy2.dtype != torch.float64 else dy2.sum(0)
-        return dx, dw, da, db, dbias, None, None, None, None
+        return dx, dw, da, db, None, dbias, None, None, None
 
 
 def _autocast_inputs(tensors):
@@ -99,7 +103,7 @@ def lora_linear(
     Gradients flow to x, lora_a, lora_b, bias, and to weight only if it requires grad.
     """
     (x, weight, lora_a, lora_b, bias), ac = _autocast_inputs((x, weight, lora_a, lora_b, bias))
-    scale = _checks.check_lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p)
+    scale = check_lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p)
     if lora_a.dtype != x.dtype:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     dropout_p = float(dropout_p)
@@ -112,8 +116,8 @@ def lora_linear(
     be = resolve_backend("lora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
     if ac is not None:
         with torch.autocast(ac, enabled=False):
-            return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, be)
-    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, be)
+            return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, be)
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, be)
 
 
 def _as_list(t: TensorOrList) -> List[torch.Tensor]:
@@ -148,16 +152,16 @@ def add_lora(
         ranks: [L] per-adapter rank in [0, r_max] (None: all r_max); columns past the rank are ignored.
         slices: optional widths [N_0, N_1, ...] to assert against lora_b's shapes.
         backend: "cuda" | "triton" | "torch" | None (auto).
-        meta: optional ``lora_kernels.serving.LoRABatchMeta`` built from these adapter_ids (once per batch,
+        meta: optional :class:`lora_kernels.serving.LoRABatchMeta` built from these adapter_ids (once per batch,
             shared by every layer); only accelerates the grouped (SGMV) path, never changes the result.
     """
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
-    _checks.check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices, meta=meta)
+    check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices, meta=meta)
     be = resolve_backend("add_lora", y, x, *lora_a, *lora_b, backend=backend)
     if meta is None:
         _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
-        return y
-    _ops.add_lora_meta_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, meta.sorted_token_ids, meta.tiles, meta.block_m, be)
+    else:
+        _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be, *meta.groups)
     return y
 
 
@@ -166,7 +170,7 @@ def merge_inputs(weight, lora_a: TensorOrList, lora_b: TensorOrList, scale):
     ``scale`` is one float shared by every adapter or one per adapter."""
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
     scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(lora_a)
-    return lora_a, lora_b, _checks.check_merge(weight, lora_a, lora_b, scales)
+    return lora_a, lora_b, check_merge(weight, lora_a, lora_b, scales)
 
 
 def _merge(weight, lora_a, lora_b, scale, sign: float, backend):

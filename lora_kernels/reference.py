@@ -27,6 +27,7 @@ __all__ = [
     "lora_linear_bwd_ref",
     "add_lora_ref",
     "merge_ref",
+    "merge_delta_ref",
     "compute_dtype",
 ]
 
@@ -39,8 +40,9 @@ _M32 = 0xFFFFFFFF
 DROPOUT_HASH_BITS = 24
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """lowbias32 integer finaliser on uint32 values held in int64 (wrap-around emulated by masking)."""
+def _mix32(h):
+    """lowbias32 integer finaliser on uint32 values held in int64 tensors or Python ints (wrap-around emulated
+    by masking)."""
     h = h & _M32
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _M32
@@ -48,6 +50,11 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     h = (h * 0x846CA68B) & _M32
     h = h ^ (h >> 16)
     return h
+
+
+def dropout_seed_hash(seed: int) -> int:
+    """``mix32(seed mod 2^32)``, the per-call constant of the dropout hash (kernels take it precomputed)."""
+    return _mix32(int(seed) & _M32)
 
 
 def dropout_threshold(p: float) -> int:
@@ -63,7 +70,7 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
     The same (seed, m, k) always gives the same bit on every backend and device, so the forward and
     backward passes regenerate the mask instead of storing it. Kept fraction is 1 − p (to 2^-24).
     """
-    seed_h = _mix32(torch.tensor(int(seed) & _M32, dtype=torch.int64, device=device))
+    seed_h = dropout_seed_hash(seed)
     m = torch.arange(rows, dtype=torch.int64, device=device)
     k = torch.arange(cols, dtype=torch.int64, device=device)
     row_h = _mix32(m + seed_h)  # [rows]
@@ -266,12 +273,25 @@ def merge_ref(
     Shapes: weight [N, K]; lora_a[i] [rᵢ, K]; lora_b[i] [N, rᵢ]. Unmerge is the same op with
     negated scales. Returns weight.
     """
+    delta = merge_delta_ref(weight, lora_a, lora_b, scales)
+    weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+    return weight
+
+
+def merge_delta_ref(
+    weight: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """``Δ = Σᵢ sᵢ·(Bᵢ·Aᵢ)``, [N, K] in fp32 (fp64 for an fp64 weight), summed over adapters in order.
+    Deterministic for fixed inputs, and ``merge_delta_ref(..., -scales) == -merge_delta_ref(..., scales)``
+    bit for bit (negation is exact), which the exact unmerge relies on."""
     acc = compute_dtype(weight.dtype)
     delta = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     for a, b, s in zip(lora_a, lora_b, scales):
         delta += float(s) * (b.to(acc) @ a.to(acc))
-    weight.copy_((weight.to(acc) + delta).to(weight.dtype))
-    return weight
+    return delta
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:

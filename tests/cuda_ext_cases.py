@@ -6,10 +6,10 @@ Not a test module itself (pytest collects ``test_*.py`` only).
 
 import pytest
 import torch
-from conftest import TOL, assert_close_rel
+from conftest import TOL, add_lora_lowp, assert_close_rel, assert_fa_rule, lora_linear_lowp
 
 from lora_kernels import reference as ref
-from lora_kernels.ops import cuda_impl
+from lora_kernels.cuda import lora_linear as cuda_lora_linear
 
 ops = torch.ops.lora_kernels
 
@@ -142,6 +142,8 @@ def check_add_lora_packed_slices(dtype, M, widths, r_max, device, add_lora):
     y0 = y.clone()
     add_lora(y, x, A, B, ids, scales, ranks, widths)
     assert_close_rel(y, expected, TOL[dtype], f"add_lora cuda {dtype}")
+    if dtype != torch.float32:
+        assert_fa_rule(y, expected, add_lora_lowp(y0, x, A, B, ids, scales, ranks), f"add_lora cuda {dtype}")
     assert torch.equal(y[ids < 0], y0[ids < 0])
 
 
@@ -158,31 +160,37 @@ def check_lora_linear_fwd(dtype, M, K, N, r, p, device):
     torch.manual_seed(M + K + N + r)
     for bias, layout in [(True, "contiguous"), (False, "padded3"), (True, "colmajor")]:
         x, w, a, b, bb = linear_inputs(M, K, N, r, dtype, bias, layout, device)
-        y, xa = cuda_impl.lora_linear_fwd_cuda(x, w, a, b, 0.75, bb, p, 1234)
+        y, xa = cuda_lora_linear.lora_linear_fwd_cuda(x, w, a, b, 0.75, bb, p, 1234)
         y_ref, xa_ref = ref.lora_linear_fwd_ref(x.double(), w.double(), a.double(), b.double(), 0.75,
                                                 None if bb is None else bb.double(), p, 1234)
         assert y.dtype == dtype and xa.dtype == torch.float32
         assert_close_rel(xa, xa_ref, TOL[torch.float32], f"xa {dtype} {layout}")
         assert_close_rel(y, y_ref, TOL[dtype], f"y {dtype} {layout}")
+        if dtype != torch.float32:
+            y_lowp, _ = lora_linear_lowp(x, w, a, b, bb, 0.75, p, 1234, torch.zeros_like(y))
+            assert_fa_rule(y, y_ref, y_lowp, f"y {dtype} {layout}")
 
 
 def check_lora_linear_bwd(dtype, M, K, N, r, p, device):
     torch.manual_seed(M * 3 + K + r)
     x, w, a, b, _ = linear_inputs(M, K, N, r, dtype, False, "padded3" if M % 2 else "contiguous", device)
-    _, xa = cuda_impl.lora_linear_fwd_cuda(x, w, a, b, 0.5, None, p, 99)
+    _, xa = cuda_lora_linear.lora_linear_fwd_cuda(x, w, a, b, 0.5, None, p, 99)
     dy = torch.randn(M, N, dtype=dtype, device=device)
     expected = ref.lora_linear_bwd_ref(dy.double(), x.double(), xa.double(), w.double(), a.double(), b.double(), 0.5, p,
                                        99, (True, True, True, True))
+    lowp = lora_linear_lowp(x, w, a, b, None, 0.5, p, 99, dy)[1] if dtype != torch.float32 else None
     for mask in [(True, True, True, True), (True, False, True, False), (False, True, False, False)]:
-        got = cuda_impl.lora_linear_bwd_cuda(dy, x, xa, w, a, b, 0.5, p, 99, mask)
+        got = cuda_lora_linear.lora_linear_bwd_cuda(dy, x, xa, w, a, b, 0.5, p, 99, mask)
         for name, g, e, want, like in zip(("dx", "dA", "dB", "dW"), got, expected, mask, (dy, a, b, w)):
             if not want:
                 assert g is None, name
                 continue
             assert g.dtype == like.dtype, name
             assert_close_rel(g, e, TOL[dtype], f"{name} {dtype} mask={mask}")
+            if lowp is not None:
+                assert_fa_rule(g, e, lowp[("dx", "dA", "dB", "dW").index(name)], f"{name} {dtype} mask={mask}")
     # LoRA-FA: x not saved, only dx and dB asked for
-    dx, da, db, dw = cuda_impl.lora_linear_bwd_cuda(dy, None, xa, w, a, b, 0.5, p, 99, (True, False, True, False))
+    dx, da, db, dw = cuda_lora_linear.lora_linear_bwd_cuda(dy, None, xa, w, a, b, 0.5, p, 99, (True, False, True, False))
     assert da is None and dw is None
     assert_close_rel(dx, expected[0], TOL[dtype], "dx without x")
     assert_close_rel(db, expected[2], TOL[dtype], "dB without x")
@@ -197,7 +205,7 @@ def check_dropout_mask_bit_exact(p, seed, M, K, device):
     # the same mask inside the fused forward's shrink: with A = I, xa is drop(x) itself
     xr = torch.randn(M, K, device=device)
     z = torch.zeros(3, K, device=device)
-    _, xa = cuda_impl.lora_linear_fwd_cuda(xr, z, torch.eye(K, device=device), z, 1.0, None, p, seed)
+    _, xa = cuda_lora_linear.lora_linear_fwd_cuda(xr, z, torch.eye(K, device=device), z, 1.0, None, p, seed)
     assert torch.equal(xa != 0, keep & (xr != 0))
     assert torch.equal(xa, ref.lora_dropout(xr, p, seed)), "kept values must be x / (1 - p) exactly (fp32)"
 

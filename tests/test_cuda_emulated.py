@@ -27,8 +27,9 @@ from conftest import TOL, assert_close_rel
 from test_multi_lora_triton import make_ids
 
 from lora_kernels import reference as ref
-from lora_kernels.ops import cuda_impl, cuda_merge
-from lora_kernels.ops._operands import BITS_DTYPE
+from lora_kernels.cuda import merge as cuda_merge
+from lora_kernels.cuda import multi_lora as cuda_multi_lora
+from lora_kernels.ops.merge import BITS_DTYPE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as emu_build  # noqa: E402
@@ -82,7 +83,7 @@ def test_expand_strided_b_and_out_of_range_ids():
 @pytest.mark.parametrize("widths,r_max", [([64], 16), ([40, 24, 24], 8), ([33, 5], 40)])
 def test_add_lora_packed_slices(dtype, M, widths, r_max):
     def run(y, x, A, B, ids, scales, ranks, widths):  # the launcher (the public API refuses CPU tensors for "cuda")
-        cuda_impl.add_lora_cuda(y, x, A, B, ids, scales, ranks)
+        cuda_multi_lora.add_lora_cuda(y, x, A, B, ids, scales, ranks)
 
     cases.check_add_lora_packed_slices(dtype, M, widths, r_max, "cpu", run)
 
@@ -124,8 +125,8 @@ def test_grouped_launch_equals_per_token_launch(dtype, M, L, pattern, block_m):
 
     y0 = torch.randn(M, sum(widths), generator=gen).to(dtype)
     y_tok, y_grp = y0.clone(), y0.clone()
-    cuda_impl.add_lora_cuda(y_tok, x, A, B, ids, scales, ranks)
-    cuda_impl.add_lora_cuda(y_grp, x, A, B, ids, scales, ranks, meta=meta)
+    cuda_multi_lora.add_lora_cuda(y_tok, x, A, B, ids, scales, ranks)
+    cuda_multi_lora.add_lora_cuda(y_grp, x, A, B, ids, scales, ranks, groups=meta.groups)
     assert torch.equal(y_grp, y_tok), "grouped add_lora differs from the per-token add_lora"
     expected = ref.add_lora_ref(y0.double(), x.double(), [a.double() for a in A], [b.double() for b in B], ids,
                                 scales.double(), ranks)
@@ -147,7 +148,7 @@ def test_grouped_launch_follows_meta_updates():
         meta.update_(ids)
         x, y = torch.randn(M, K, generator=gen), torch.randn(M, N, generator=gen)
         expected = ref.add_lora_ref(y.double().clone(), x.double(), [A.double()], [B.double()], ids, scales.double())
-        cuda_impl.add_lora_cuda(y, x, [A], [B], ids, scales, None, meta=meta)
+        cuda_multi_lora.add_lora_cuda(y, x, [A], [B], ids, scales, None, groups=meta.groups)
         assert_close_rel(y, expected, TOL[torch.float32], "grouped add_lora after meta.update_")
 
 

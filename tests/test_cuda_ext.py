@@ -20,13 +20,13 @@ from conftest import HAS_CUDA, TOL, assert_close_rel
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from lora_kernels.ops import _library
+from lora_kernels.ops import SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ops = torch.ops.lora_kernels
 
-CUDA_OPS = sorted(name for name in _library.SCHEMAS if name.startswith("cuda_"))
+CUDA_OPS = sorted(name for name in SCHEMAS if name.startswith("cuda_"))
 MY_OPS = ["cuda_multi_lora_shrink", "cuda_multi_lora_expand_", "cuda_lora_linear_fwd", "cuda_lora_linear_bwd",
           "cuda_lora_dropout"]
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -98,7 +98,7 @@ def test_fake_lora_linear_ops_shapes(device, dtype, mask):
 
 def test_cuda_ops_declared_with_fakes():
     for name in MY_OPS:
-        assert name in _library.SCHEMAS, name
+        assert name in SCHEMAS, name
         packet = getattr(ops, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(packet.default.name(), "Meta"), f"{name} has no fake/meta kernel"
 
@@ -113,11 +113,6 @@ def test_cuda_ops_have_no_cpu_kernel():
         ops.cuda_lora_dropout(x, 0.5, 1)
 
 
-def test_cuda_launchers_are_registered():
-    assert _library.has_launcher("add_lora", "cuda")
-    assert _library.has_launcher("lora_linear", "cuda")
-
-
 def _sources():
     return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
 
@@ -129,7 +124,7 @@ def test_cpp_registrations_match_python_schemas():
             assert name not in impls, f"{name} is registered in both {impls.get(name)} and {f.name}"
             impls[name] = f.name
     for name, where in impls.items():
-        assert name in _library.SCHEMAS, f"{where} implements lora_kernels::{name}, which has no schema in _library.py"
+        assert name in SCHEMAS, f"{where} implements lora_kernels::{name}, which has no schema in lora_kernels/ops/"
         assert name.startswith("cuda_"), f"{where} implements a non-cuda_ op {name}"
     for name in MY_OPS:
         assert name in impls, f"no TORCH_LIBRARY_IMPL registers {name}"
@@ -391,7 +386,7 @@ def test_glue_errors_name_the_tensor(ext):
 @pytest.mark.parametrize("M,L", [(64, 4), (2048, 8), (777, 128)])
 def test_grouped_launch_equals_per_token_launch_bf16(ext, M, L):
     """bf16 on the GPU: the grouped (LoRABatchMeta tile table) launch gives the per-token launch's y bit for bit."""
-    from lora_kernels.ops.cuda_impl import add_lora_cuda
+    from lora_kernels.cuda.multi_lora import add_lora_cuda
     from lora_kernels.serving import LoRABatchMeta
 
     torch.manual_seed(M + L)
@@ -406,7 +401,7 @@ def test_grouped_launch_equals_per_token_launch_bf16(ext, M, L):
     y0 = torch.randn(M, sum(widths), dtype=torch.bfloat16, device="cuda")
     y_tok, y_grp = y0.clone(), y0.clone()
     add_lora_cuda(y_tok, x, A, B, ids, scales, ranks)
-    add_lora_cuda(y_grp, x, A, B, ids, scales, ranks, meta=meta)
+    add_lora_cuda(y_grp, x, A, B, ids, scales, ranks, groups=meta.groups)
     assert torch.equal(y_grp, y_tok)
     expected = ref.add_lora_ref(y0.double(), x.double(), [a.double() for a in A], [b.double() for b in B], ids,
                                 scales.double(), ranks)

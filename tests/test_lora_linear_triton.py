@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import HAS_CUDA, TOL, assert_close_rel, poison_
+from conftest import HAS_CUDA, TOL, assert_close_rel, assert_fa_rule, lora_linear_lowp, poison_
 import lora_kernels
 from lora_kernels import reference as ref
 from lora_kernels.triton import lora_linear as tll
@@ -80,13 +80,18 @@ def _check_fwd_bwd(x, w, a, b, bias, scale, p, seed, dtype, dy=None, mask=ALL_GR
         dy = torch.randn(M, N, generator=g).to(dtype=dtype).to(DEV)
     grads = tll.lora_linear_bwd_triton(dy, x, xa, w, a, b, scale, p, seed, mask)
     grads_ref = ref.lora_linear_bwd_ref(_d(dy), _d(x), xa_ref, _d(w), _d(a), _d(b), scale, p, seed, mask)
+    lowp = lora_linear_lowp(x, w, a, b, bias, scale, p, seed, dy) if dtype != torch.float32 else None
+    if lowp is not None:
+        assert_fa_rule(y, y_ref, lowp[0], "y")
     dtypes = (dy.dtype, a.dtype, b.dtype, w.dtype)
-    for name, want, got, exp, dt in zip(("dx", "dA", "dB", "dW0"), mask, grads, grads_ref, dtypes):
+    for i, (name, want, got, exp, dt) in enumerate(zip(("dx", "dA", "dB", "dW0"), mask, grads, grads_ref, dtypes)):
         if not want:
             assert got is None, name
             continue
         assert got.dtype == dt, name
         assert_close_rel(got, exp, _tol(dtype), name)
+        if lowp is not None:
+            assert_fa_rule(got, exp, lowp[1][i], name)
     return y, xa, grads
 
 
@@ -133,8 +138,8 @@ def test_launchers_match_reference_gpu(dtype, M, K, N, r, p, few_configs, monkey
 def test_every_config_gpu(name, few_configs, monkeypatch):
     """Each autotune config of each kernel, forced one at a time, on an uneven bf16 shape with dropout."""
     kernel = getattr(tll, name)
-    all_configs = list(tll._shrink_configs() if name == "_lora_shrink_kernel" else tll._gemm_configs() if name == "_lora_gemm_kernel"
-                       else tll._dy_configs() if name == "_lora_dy_kernel" else tll._da_configs())
+    all_configs = list(tll.SHRINK_CONFIGS if name == "_lora_shrink_kernel" else tll.GEMM_CONFIGS if name == "_lora_gemm_kernel"
+                       else tll.DY_CONFIGS if name == "_lora_dy_kernel" else tll.DA_CONFIGS)
     x, w, a, b, bias = _make(300, 520, 392, 24, torch.bfloat16, gen_seed=1)
     for cfg in all_configs:
         monkeypatch.setattr(kernel, "configs", [cfg])

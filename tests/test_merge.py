@@ -13,7 +13,7 @@ from conftest import HAS_CUDA, TOL, assert_close_rel, rel_err
 
 import lora_kernels as lk
 from lora_kernels import LoRAInputError, MergeOverflowError, MergeRecord
-from lora_kernels.ops._operands import BITS_DTYPE as _BITS
+from lora_kernels.ops.merge import BITS_DTYPE as _BITS
 from lora_kernels.reference import merge_ref
 
 CPU_BACKENDS = [("torch", torch.float32), ("torch", torch.float16), ("torch", torch.bfloat16), ("torch", torch.float64),
@@ -489,7 +489,7 @@ def test_gpu_opcheck_cuda_merge_ops():
 
 @pytest.mark.parametrize("by_fill", [False, True])
 def test_small_tensor_paths_agree(by_fill):
-    from lora_kernels.ops._operands import concat_adapters, small_tensor
+    from lora_kernels.ops.merge import concat_adapters, small_tensor
 
     t = small_tensor([0, 3, 19], torch.int32, "cpu", by_fill=by_fill)
     assert t.dtype == torch.int32 and t.tolist() == [0, 3, 19]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL, assert_close_rel
+from conftest import HAS_CUDA, TOL, add_lora_lowp, assert_close_rel, assert_fa_rule
 
 import lora_kernels
 from lora_kernels.reference import add_lora_ref
@@ -58,7 +58,8 @@ def expected(c):
 
 def run_triton(c, strategy, meta=None):
     y = c["y"].clone()
-    add_lora_triton(y, c["x"], c["A"], c["B"], c["ids"], c["scales"], c["ranks"], meta=meta, strategy=strategy)
+    groups = None if meta is None else meta.groups
+    add_lora_triton(y, c["x"], c["A"], c["B"], c["ids"], c["scales"], c["ranks"], groups=groups, strategy=strategy)
     return y
 
 
@@ -67,6 +68,9 @@ def check(c, y, tol, what):
     untouched = c["ids"] < 0
     assert torch.equal(y[untouched], c["y"][untouched]), f"{what}: rows with id -1 were modified"
     assert_close_rel(y, exp, tol, what)
+    if y.dtype in (torch.float16, torch.bfloat16):
+        lowp = add_lora_lowp(c["y"], c["x"], c["A"], c["B"], c["ids"], c["scales"], c["ranks"])
+        assert_fa_rule(y, exp, lowp, what)
 
 
 def mixed_ranks(L, r_max):
@@ -276,11 +280,11 @@ def test_opcheck_add_lora_meta(backend):
     L = 3
     c = make_case(9, 16, [8, 5], L, 8, torch.float32, ranks=[8, 0, 3], pattern="with_none", seed=8)
     meta = LoRABatchMeta(c["ids"], L, block_m=16)
-    args = (c["y"].clone(), c["x"], c["A"], c["B"], c["ids"], c["scales"], c["ranks"], meta.sorted_token_ids, meta.tiles, meta.block_m, backend)
-    torch.library.opcheck(torch.ops.lora_kernels.add_lora_meta_.default, args)
+    args = (c["y"].clone(), c["x"], c["A"], c["B"], c["ids"], c["scales"], c["ranks"], backend, *meta.groups)
+    torch.library.opcheck(torch.ops.lora_kernels.add_lora_.default, args)
     y = c["y"].clone()
-    torch.ops.lora_kernels.add_lora_meta_(y, *args[1:])
-    check(c, y, TOL[torch.float32], f"add_lora_meta_/{backend}")
+    torch.ops.lora_kernels.add_lora_(y, *args[1:])
+    check(c, y, TOL[torch.float32], f"add_lora_ with meta/{backend}")
 
 
 def test_torch_compile_fullgraph_with_meta():
@@ -321,7 +325,7 @@ def test_cuda_graph_replay_with_meta_update(strategy):
 
     def step():
         y_static.copy_(c["y"])
-        add_lora_triton(y_static, c["x"], c["A"], c["B"], ids, c["scales"], c["ranks"], meta=meta, strategy=strategy)
+        add_lora_triton(y_static, c["x"], c["A"], c["B"], ids, c["scales"], c["ranks"], groups=meta.groups, strategy=strategy)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -1,3 +1,9 @@
-"""Registered torch operators (``torch.ops.lora_kernels.*``); see ``_library.py``."""
+"""Registered torch operators (``torch.ops.lora_kernels.*``), one module per op family.
 
-from . import _library  # noqa: F401  (registers the schemas, fakes and backend routing)
+Each ``<family>.py`` holds the family's input validation, schemas, fake kernels, routing to the chosen backend
+and its rows of the dispatch table (``_registry.TABLE``). Importing this package registers them all; it never
+imports Triton or the CUDA extension (launchers load on first use).
+"""
+
+from . import lora_linear, merge, multi_lora  # noqa: F401  (registers each family)
+from ._registry import PUBLIC_OPS, SCHEMAS, TABLE, implemented_ops, implements, launcher  # noqa: F401

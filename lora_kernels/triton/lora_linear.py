@@ -47,90 +47,86 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference as _ref
+from ._common import INTERPRET, autotune_configs, dropout_args, keep_mask
 
 __all__ = ["lora_linear_fwd_triton", "lora_linear_bwd_triton"]
 
 ENV_FP32_PRECISION = "LORA_KERNELS_FP32_PRECISION"
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Widest rank chunk held in one tile. Small under the interpreter so that the tests' ranks 64/128 exercise
 # the multi-chunk paths that large ranks (> 128) take on a GPU.
-_MAX_BLOCK_R = 32 if _INTERPRET else 128
-_M32 = 0xFFFFFFFF
+_MAX_BLOCK_R = 32 if INTERPRET else 128
 
 
 # ----------------------------------------------------------------------------------------------
 # Autotune configurations: one list per kernel, Hopper (H100) and Ampere (A100) shapes together.
-# Under TRITON_INTERPRET a single small config (autotuning in the interpreter is very slow).
 # ----------------------------------------------------------------------------------------------
 
 
-def _gemm_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    specs = [
+def _gemm(bm, bn, bk, g, w, s):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g), w, s
+
+
+def _mk(bm, bk, w, s):
+    return dict(BLOCK_M=bm, BLOCK_K=bk), w, s
+
+
+def _mn(bm, bn, w, s):
+    return dict(BLOCK_M=bm, BLOCK_N=bn), w, s
+
+
+GEMM_CONFIGS = autotune_configs(
+    [
         # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-        (128, 256, 64, 8, 8, 3),  # Hopper: large tiles, deep enough pipeline for wgmma
-        (256, 128, 64, 8, 8, 3),  # Hopper
-        (128, 128, 64, 8, 8, 4),  # Hopper / Ampere
-        (128, 128, 64, 8, 4, 4),
-        (128, 128, 32, 8, 4, 4),  # Ampere
-        (128, 64, 32, 8, 4, 4),  # Ampere
-        (64, 128, 32, 8, 4, 4),  # Ampere, mid M
-        (64, 128, 64, 8, 4, 4),  # small M (decode / short prefill)
-        (32, 64, 64, 8, 4, 5),  # small M
-        (16, 128, 128, 8, 4, 4),  # M <= 16
-        (32, 64, 64, 8, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-        for bm, bn, bk, g, w, s in specs
-    ]
-
-
-def _shrink_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    specs = [
+        _gemm(128, 256, 64, 8, 8, 3),  # Hopper: large tiles, deep enough pipeline for wgmma
+        _gemm(256, 128, 64, 8, 8, 3),  # Hopper
+        _gemm(128, 128, 64, 8, 8, 4),  # Hopper / Ampere
+        _gemm(128, 128, 64, 8, 4, 4),
+        _gemm(128, 128, 32, 8, 4, 4),  # Ampere
+        _gemm(128, 64, 32, 8, 4, 4),  # Ampere
+        _gemm(64, 128, 32, 8, 4, 4),  # Ampere, mid M
+        _gemm(64, 128, 64, 8, 4, 4),  # small M (decode / short prefill)
+        _gemm(32, 64, 64, 8, 4, 5),  # small M
+        _gemm(16, 128, 128, 8, 4, 4),  # M <= 16
+        _gemm(32, 64, 64, 8, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
+    ],
+    _gemm(32, 32, 32, 4, 4, 1),
+)
+SHRINK_CONFIGS = autotune_configs(
+    [
         # (BLOCK_M, BLOCK_K, num_warps, num_stages); memory-bound: enough rows in flight, wide K steps
-        (128, 128, 8, 3),
-        (64, 128, 4, 4),
-        (64, 64, 4, 4),
-        (32, 128, 4, 4),
-        (16, 256, 4, 3),
-        (32, 64, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in specs]
-
-
-def _dy_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    specs = [
+        _mk(128, 128, 8, 3),
+        _mk(64, 128, 4, 4),
+        _mk(64, 64, 4, 4),
+        _mk(32, 128, 4, 4),
+        _mk(16, 256, 4, 3),
+        _mk(32, 64, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
+    ],
+    _mk(32, 32, 4, 1),
+)
+DY_CONFIGS = autotune_configs(
+    [
         # (BLOCK_M, BLOCK_N, num_warps, num_stages); large BLOCK_M = fewer dB atomics per element
-        (256, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 64, 4, 4),
-        (64, 128, 4, 4),
-        (32, 128, 4, 4),
-        (16, 256, 4, 3),
-        (16, 64, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in specs]
-
-
-def _da_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    specs = [
+        _mn(256, 64, 8, 3),
+        _mn(128, 128, 8, 3),
+        _mn(128, 64, 4, 4),
+        _mn(64, 128, 4, 4),
+        _mn(32, 128, 4, 4),
+        _mn(16, 256, 4, 3),
+        _mn(16, 64, 4, 2),  # lean: fits any GPU's shared memory for fp32 with 128-wide rank tiles
+    ],
+    _mn(32, 32, 4, 1),
+)
+DA_CONFIGS = autotune_configs(
+    [
         # (BLOCK_M, BLOCK_K, num_warps, num_stages)
-        (128, 128, 8, 3),
-        (64, 128, 4, 4),
-        (128, 64, 4, 4),
-        (64, 64, 4, 4),
-        (32, 128, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in specs]
+        _mk(128, 128, 8, 3),
+        _mk(64, 128, 4, 4),
+        _mk(128, 64, 4, 4),
+        _mk(64, 64, 4, 4),
+        _mk(32, 128, 4, 4),
+    ],
+    _mk(32, 32, 4, 1),
+)
 
 
 def _prune_by_m(configs, named_args, **kwargs):
@@ -141,38 +137,11 @@ def _prune_by_m(configs, named_args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Seeded dropout hash (must match reference.dropout_keep_mask bit for bit)
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mix32(h):
-    # lowbias32 finaliser; h is uint32, so the multiplications wrap modulo 2^32 like the reference's masks.
-    h = h ^ (h >> 16)
-    h = h * 0x7FEB352D
-    h = h ^ (h >> 15)
-    h = h * 0x846CA68B
-    h = h ^ (h >> 16)
-    return h
-
-
-@triton.jit
-def _keep_mask(seed_hash, offs_m, offs_k, threshold):
-    """keep[m, k] = (mix32(k + mix32(m + mix32(seed))) >> 8) >= threshold, for a [len(m), len(k)] tile.
-
-    seed_hash is mix32(seed) reinterpreted as int32 (host side), offs_* are row / column indices."""
-    seed_u = seed_hash.to(tl.uint32, bitcast=True)
-    row_h = _mix32(offs_m.to(tl.uint32) + seed_u)
-    h = _mix32(row_h[:, None] + offs_k.to(tl.uint32)[None, :])
-    return (h >> 8).to(tl.int32) >= threshold
-
-
-# ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_shrink_configs(), key=["m_bucket", "K", "BLOCK_R", "DROPOUT"], prune_configs_by={"early_config_prune": _prune_by_m})
+@triton.autotune(configs=SHRINK_CONFIGS, key=["m_bucket", "K", "BLOCK_R", "DROPOUT"], prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit(do_not_specialize=["seed_hash", "threshold"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
@@ -201,7 +170,7 @@ def _lora_shrink_kernel(
         k_ok = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = _keep_mask(seed_hash, offs_m, kk, threshold)
+            keep = keep_mask(seed_hash, offs_m, kk, threshold)
             xt = tl.where(keep, xt, tl.zeros_like(xt))
         at = tl.load(a_cols + kk[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xt, at, acc, input_precision=INPUT_PRECISION)
@@ -212,7 +181,7 @@ def _lora_shrink_kernel(
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
+    configs=GEMM_CONFIGS,
     key=["m_bucket", "N", "K", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_by_m},
 )
@@ -289,7 +258,7 @@ def _lora_gemm_kernel(
         else:
             acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
     if DROPOUT:
-        keep = _keep_mask(seed_hash, offs_m, offs_n, threshold)
+        keep = keep_mask(seed_hash, offs_m, offs_n, threshold)
         acc += tl.where(keep, lora * keep_scale, 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -299,7 +268,7 @@ def _lora_gemm_kernel(
 
 
 @triton.autotune(
-    configs=_dy_configs(),
+    configs=DY_CONFIGS,
     key=["m_bucket", "N", "R", "BLOCK_R", "COMPUTE_DXA", "COMPUTE_DB"],
     reset_to_zero=["dxa_ptr", "db_ptr"],
     prune_configs_by={"early_config_prune": _prune_by_m},
@@ -361,7 +330,7 @@ def _lora_dy_kernel(
 
 
 @triton.autotune(
-    configs=_da_configs(),
+    configs=DA_CONFIGS,
     key=["m_bucket", "K", "R", "BLOCK_R", "DROPOUT"],
     reset_to_zero=["da_ptr"],
     prune_configs_by={"early_config_prune": _prune_by_m},
@@ -401,7 +370,7 @@ def _lora_da_kernel(
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = _keep_mask(seed_hash, offs_m, offs_k, threshold)
+            keep = keep_mask(seed_hash, offs_m, offs_k, threshold)
             xt = tl.where(keep, xt, tl.zeros_like(xt))
         if EPI_LOW:
             acc = tl.dot(gt.to(xt.dtype), xt, acc, input_precision=INPUT_PRECISION)
@@ -432,27 +401,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     return v if dtype == torch.float32 else "tf32"
 
 
-def _mix32_host(h: int) -> int:
-    h &= _M32
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & _M32
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & _M32
-    h ^= h >> 16
-    return h
-
-
-def _dropout_args(dropout_p: float, seed: int):
-    """(DROPOUT, seed_hash as int32, threshold, keep_scale) for the kernels."""
-    p = float(dropout_p)
-    if p == 0.0:
-        return False, 0, 0, 1.0
-    h = _mix32_host(int(seed) & _M32)
-    if h >= 1 << 31:
-        h -= 1 << 32  # the kernel bitcasts it back to uint32
-    return True, h, _ref.dropout_threshold(p), 1.0 / (1.0 - p)
-
-
 def _block_r(r: int) -> int:
     return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
 
@@ -464,7 +412,7 @@ def _m_bucket(m: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _target_programs(device_index) -> int:
     """Programs wanted in flight for the split-reduction kernels (about two per SM)."""
-    if _INTERPRET or device_index is None:
+    if INTERPRET or device_index is None:
         return 4  # small, but > 1 split on test shapes so the atomic paths are exercised
     return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -503,7 +451,7 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias with unit stride
     precision = _input_precision(x.dtype)
-    dropout, seed_hash, threshold, keep_scale = _dropout_args(dropout_p, seed)
+    dropout, seed_hash, threshold, keep_scale = dropout_args(dropout_p, seed)
     block_r = _block_r(R)
     m_bucket = _m_bucket(M)
     with _device_ctx(x):
@@ -570,7 +518,7 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
     if xa.dtype != torch.float32:
         xa = xa.float()
     precision = _input_precision(dy.dtype)
-    drop_args = _dropout_args(dropout_p, seed)
+    drop_args = dropout_args(dropout_p, seed)
     block_r = _block_r(R)
     r_chunks = triton.cdiv(R, block_r)
     m_bucket = _m_bucket(M)

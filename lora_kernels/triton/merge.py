@@ -23,14 +23,14 @@ written, independent of how the compiler schedules the epilogue.
 
 from __future__ import annotations
 
-import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..ops._operands import collect_repair_list, concat_adapters
+from ..ops.merge import collect_repair_list, concat_adapters
+from ._common import INTERPRET
 
 # Rank chunk fed to one tl.dot (tl.dot needs every dim >= 16); ranks are masked, never padded.
 BLOCK_R = 16
@@ -47,13 +47,9 @@ MERGE_CONFIGS = [
 _INTERPRET_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def pick_config(weight: torch.Tensor) -> dict:
     """Deterministic launch config for ``weight`` (a function of shape, strides and device only)."""
-    if _interpreting() or weight.device.type != "cuda":
+    if INTERPRET or weight.device.type != "cuda":
         return dict(_INTERPRET_CONFIG)
     N, K = weight.shape
     if weight.stride(0) == 1 and weight.stride(1) != 1:  # transposed storage: tile long along N
@@ -154,22 +150,9 @@ def _lora_merge_kernel(
         tl.store(w_ptrs, out, mask=mask)
 
 
-def prepare_adapters(
-    weight: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales: Sequence[float]
-):
-    """Kernel operands: (A [R, K], B [N, R], rank_starts [n+1] or None, scales tensor or None).
-
-    One adapter is passed as is (any strides, no copy). Several are concatenated along the rank in one
-    common dtype (fp32 if they differ), so the kernel walks all of them in one pass.
-    """
-    if len(lora_a) == 1:
-        common = lora_a[0].dtype if lora_a[0].dtype == lora_b[0].dtype else torch.float32
-        return lora_a[0].to(common), lora_b[0].to(common), None, None
-    return concat_adapters(weight, lora_a, lora_b, scales)
-
-
 def _launch(weight, lora_a, lora_b, scales, config, grid, exact=None, tile_ids=None):
-    a, b, rank_starts, scale_t = prepare_adapters(weight, lora_a, lora_b, scales)
+    # one adapter: its rank and scale are kernel scalars; several: stacked along the rank with device tables
+    a, b, rank_starts, scale_t = concat_adapters(weight, lora_a, lora_b, scales, device_tables=len(lora_a) > 1)
     N, K = weight.shape
     multi = rank_starts is not None
     dummy_i = torch.empty(1, dtype=torch.int32, device=weight.device)

@@ -32,11 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.multi_lora import LoRABatchMeta
+from ._common import autotune_configs
+
 STRATEGY_ENV = "LORA_KERNELS_MULTI_LORA_STRATEGY"
 STRATEGIES = ("bgmv", "sgmv")
 MAX_SLICES = 4  # slices handled per launch; more slices are processed in groups of MAX_SLICES
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # BGMV (decode) is chosen when M * r_max <= this. The fused kernel re-reads A[i] (K·r elements) once per
 # N-block per token, so its L2 traffic grows like M·r·K·(N/BLOCK_N) while SGMV reads each adapter once plus an
@@ -67,40 +68,33 @@ def choose_strategy(num_tokens: int, num_adapters: int, r_max: int, strategy: Op
 # Autotune configs (one list per kernel; the interpreter gets a single small config)
 # ----------------------------------------------------------------------------------------------
 
-
-def _cfgs(entries, interp_entry):
-    if _INTERPRET:
-        return [triton.Config(interp_entry, num_warps=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in entries]
-
-
 # Hopper and Ampere alike: these kernels are bandwidth-bound GEMV / skinny GEMMs, so the space is small.
-_BGMV_CONFIGS = _cfgs(
+_BGMV_CONFIGS = autotune_configs(
     [
         (dict(BLOCK_N=256, BLOCK_K=128, BLOCK_R=16), 4, 2),
         (dict(BLOCK_N=512, BLOCK_K=128, BLOCK_R=16), 8, 2),
         (dict(BLOCK_N=128, BLOCK_K=256, BLOCK_R=16), 4, 2),
         (dict(BLOCK_N=256, BLOCK_K=64, BLOCK_R=32), 4, 3),
     ],
-    dict(BLOCK_N=64, BLOCK_K=32, BLOCK_R=16),
+    (dict(BLOCK_N=64, BLOCK_K=32, BLOCK_R=16), 1, 1),
 )
-_SHRINK_CONFIGS = _cfgs(
+_SHRINK_CONFIGS = autotune_configs(
     [
         (dict(BLOCK_K=64, BLOCK_R=16), 4, 4),
         (dict(BLOCK_K=128, BLOCK_R=16), 4, 3),
         (dict(BLOCK_K=64, BLOCK_R=32), 4, 4),
         (dict(BLOCK_K=128, BLOCK_R=64), 8, 3),
     ],
-    dict(BLOCK_K=32, BLOCK_R=16),
+    (dict(BLOCK_K=32, BLOCK_R=16), 1, 1),
 )
-_EXPAND_CONFIGS = _cfgs(
+_EXPAND_CONFIGS = autotune_configs(
     [
         (dict(BLOCK_N=64, BLOCK_R=16), 4, 3),
         (dict(BLOCK_N=128, BLOCK_R=16), 4, 3),
         (dict(BLOCK_N=128, BLOCK_R=32), 8, 3),
         (dict(BLOCK_N=256, BLOCK_R=16), 8, 2),
     ],
-    dict(BLOCK_N=64, BLOCK_R=16),
+    (dict(BLOCK_N=64, BLOCK_R=16), 1, 1),
 )
 
 
@@ -340,14 +334,14 @@ def add_lora_triton(
     adapter_ids: torch.Tensor,
     scales: torch.Tensor,
     ranks: Optional[torch.Tensor],
-    meta=None,
+    groups=None,
     strategy: Optional[str] = None,
 ) -> None:
     """In-place ``add_lora`` on Triton (inputs already validated; see the module docstring).
 
-    ``meta``: an optional :class:`lora_kernels.serving.LoRABatchMeta` built from the same adapter_ids (reused
-    across layers); built here when the SGMV path needs one and none is given. ``strategy``: "bgmv" | "sgmv" |
-    None (env var, then :func:`choose_strategy`).
+    ``groups``: optional ``(sorted_token_ids, tiles, block_m)`` of a :class:`LoRABatchMeta` built from the same
+    adapter_ids (``meta.groups``, reused across layers); a meta is built here when the SGMV path needs one and none
+    is given. ``strategy``: "bgmv" | "sgmv" | None (env var, then :func:`choose_strategy`).
     """
     M, K = x.shape
     if M == 0:
@@ -372,11 +366,9 @@ def add_lora_triton(
             )
         return
 
-    from ..serving import LoRABatchMeta
-
-    if meta is None:
-        meta = LoRABatchMeta(adapter_ids, L)
-    sorted_ids, tiles, block_m = meta.sorted_token_ids, meta.tiles, meta.block_m
+    if groups is None:
+        groups = LoRABatchMeta(adapter_ids, L).groups
+    sorted_ids, tiles, block_m = groups
     capacity, num_tiles = sorted_ids.shape[0], tiles.shape[1]
     if num_tiles == 0:
         return

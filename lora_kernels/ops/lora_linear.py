@@ -1,0 +1,142 @@
+"""The LoRA linear op family: validation, schemas, fakes, routing and dispatch-table rows.
+
+Semantics: :func:`lora_kernels.reference.lora_linear_fwd_ref` / :func:`lora_kernels.reference.lora_linear_bwd_ref`.
+Launchers: ``torch`` (reference), ``triton/lora_linear.py``, ``cuda/lora_linear.py`` (kernels in
+``csrc/lora_linear.cu``, glue in ``csrc/lora_linear_torch.cpp``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference as ref
+from .._checks import check_float, check_same_device, check_scale, fail, shape_str
+from ._registry import add_rows, define, impl_all_devices, launcher, lib
+
+OP = "lora_linear"
+
+define([
+    # y [M, N] (x.dtype), xa [M, r] (fp32; fp64 for fp64 inputs)
+    "lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, "
+    "float dropout_p, SymInt seed, str backend) -> (Tensor, Tensor)",
+    # (dx, dA, dB, dW0); a gradient not asked for by output_mask comes back as an empty tensor
+    "lora_linear_bwd(Tensor dy, Tensor? x, Tensor xa, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+    "float dropout_p, SymInt seed, bool[] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    # --- CUDA extension kernels (C++ implementation only, csrc/lora_linear_torch.cpp) ---
+    # lora_linear_fwd on the extension (x [M, K] 2-D): (y [M, N] x.dtype, xa [M, r] fp32)
+    "cuda_lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, "
+    "float dropout_p, int seed) -> (Tensor, Tensor)",
+    # lora_linear_bwd on the extension: (dx, dA, dB, dW0); one not asked for by output_mask is an empty [0] tensor
+    "cuda_lora_linear_bwd(Tensor dy, Tensor? x, Tensor xa, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+    "float dropout_p, int seed, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    # drop(x) = x · keep / (1 − p) in fp32 [M, K], keep = reference.dropout_keep_mask(seed, M, K, p)
+    "cuda_lora_dropout(Tensor x, float dropout_p, int seed) -> Tensor",
+])
+
+add_rows(
+    {
+        ("lora_linear_fwd", "torch"): "lora_kernels.reference:lora_linear_fwd_ref",
+        ("lora_linear_bwd", "torch"): "lora_kernels.reference:lora_linear_bwd_ref",
+        ("lora_linear_fwd", "triton"): "lora_kernels.triton.lora_linear:lora_linear_fwd_triton",
+        ("lora_linear_bwd", "triton"): "lora_kernels.triton.lora_linear:lora_linear_bwd_triton",
+        ("lora_linear_fwd", "cuda"): "lora_kernels.cuda.lora_linear:lora_linear_fwd_cuda",
+        ("lora_linear_bwd", "cuda"): "lora_kernels.cuda.lora_linear:lora_linear_bwd_cuda",
+    },
+    public={OP: ("lora_linear_fwd", "lora_linear_bwd")},
+)
+
+
+def check_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+) -> float:
+    """Validate lora_linear inputs; returns the scale as a finite float."""
+    for n, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check_float(OP, n, t)
+    if bias is not None:
+        check_float(OP, "bias", bias)
+    scale = check_scale(OP, scale)
+    check_same_device(OP, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    if x.dim() < 1:
+        fail(OP, "x must have shape [..., K], got a 0-d tensor")
+    if weight.dim() != 2:
+        fail(OP, f"weight must be 2-D [N, K] (nn.Linear layout), got shape {shape_str(weight)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        fail(OP, f"x has {x.shape[-1]} features in its last dim but weight is {shape_str(weight)} (expects K={K})")
+    if lora_a.dim() != 2 or lora_a.shape[1] != K:
+        fail(OP, f"lora_a must be [r, K={K}], got shape {shape_str(lora_a)}")
+    r = lora_a.shape[0]
+    if lora_b.dim() != 2 or lora_b.shape[0] != N:
+        fail(OP, f"lora_b must be [N={N}, r], got shape {shape_str(lora_b)}")
+    if lora_b.shape[1] != r:
+        fail(OP, f"rank mismatch: lora_a has r={r} rows but lora_b has {lora_b.shape[1]} columns")
+    if r < 1:
+        fail(OP, "rank must be at least 1")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        fail(OP, f"bias must be [N={N}], got shape {shape_str(bias)}")
+    if weight.dtype != x.dtype:
+        fail(OP, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    if lora_a.dtype != lora_b.dtype:
+        fail(OP, f"lora_a dtype {lora_a.dtype} and lora_b dtype {lora_b.dtype} must match")
+    if bias is not None and bias.dtype != x.dtype:
+        fail(OP, f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
+        fail(OP, f"dropout_p must be in [0, 1), got {dropout_p}")
+    return scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations: route to the chosen backend's launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend):
+    return launcher("lora_linear_fwd", backend)(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+
+
+def _lora_linear_bwd(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend):
+    grads = launcher("lora_linear_bwd", backend)(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask)
+    templates = (x if x is not None else dy, lora_a, lora_b, weight)
+    return tuple(
+        g if (want and g is not None) else templates[i].new_empty(0) for i, (want, g) in enumerate(zip(output_mask, grads))
+    )
+
+
+impl_all_devices("lora_linear_fwd", _lora_linear_fwd)
+impl_all_devices("lora_linear_bwd", _lora_linear_bwd)
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and devices only
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend=None):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    xa = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=ref.compute_dtype(x.dtype))
+    return y, xa
+
+
+def _bwd_fake(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend=None):
+    shapes = ((dy.shape[0], weight.shape[1]), tuple(lora_a.shape), tuple(lora_b.shape), tuple(weight.shape))
+    dtypes = (dy.dtype, lora_a.dtype, lora_b.dtype, weight.dtype)
+    return tuple(dy.new_empty(shape if want else (0,), dtype=dt) for want, shape, dt in zip(output_mask, shapes, dtypes))
+
+
+torch.library.register_fake("lora_kernels::lora_linear_fwd", _fwd_fake, lib=lib)
+torch.library.register_fake("lora_kernels::lora_linear_bwd", _bwd_fake, lib=lib)
+# The extension's ops only take 16/32-bit inputs, so xa is always fp32 there (compute_dtype gives fp32 too).
+torch.library.register_fake("lora_kernels::cuda_lora_linear_fwd", _fwd_fake, lib=lib)
+torch.library.register_fake("lora_kernels::cuda_lora_linear_bwd", _bwd_fake, lib=lib)
+
+
+@torch.library.register_fake("lora_kernels::cuda_lora_dropout", lib=lib)
+def _cuda_lora_dropout_fake(x, dropout_p, seed):
+    return x.new_empty(x.shape, dtype=torch.float32)
