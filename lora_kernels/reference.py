@@ -297,3 +297,91 @@ def merge_delta_ref(
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     """LoRA scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return float(alpha) / (math.sqrt(r) if use_rslora else float(r))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shrink / expand halves of the multi-adapter op (what vLLM's PunicaWrapper.add_shrink / add_expand /
+# add_lora_embedding call; ops/shrink_expand.py)
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["lora_shrink_ref", "lora_expand_ref"]
+
+
+def lora_shrink_ref(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scale: float = 1.0,
+    ranks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-token shrink into a new fp32 tensor (fp64 when x or lora_a is fp64).
+
+    Shapes: x [M, K]; lora_a [L, r_max, K]; adapter_ids [M] integer in [-1, L); ranks [L] integer in [0, r_max]
+    (None = r_max for all); returns xa [M, r_max].
+    ::
+
+        xa = zeros(M, r_max)                          # fp32
+        for t in range(M):
+            i = adapter_ids[t]
+            if i < 0: continue                        # token without adapter: its row stays 0
+            r = ranks[i]
+            xa[t, :r] = scale * (x[t] @ lora_a[i, :r].T)   # columns r.. stay 0
+
+    Products accumulate in fp32 and are scaled once at the end.
+    """
+    M, r_max = x.shape[0], lora_a.shape[1]
+    acc = torch.float64 if torch.float64 in (x.dtype, lora_a.dtype) else torch.float32
+    xa = torch.zeros((M, r_max), dtype=acc, device=x.device)
+    if M == 0 or r_max == 0:
+        return xa
+    ids = adapter_ids.to(torch.int64)
+    active = ids >= 0
+    safe = ids.clamp(min=0)
+    prod = torch.bmm(lora_a[safe].to(acc), x.to(acc)[:, :, None])[:, :, 0] * float(scale)  # [M, r_max]
+    if ranks is not None:
+        keep = torch.arange(r_max, device=x.device)[None, :] < ranks.to(x.device, torch.int64)[safe][:, None]
+    else:
+        keep = torch.ones((M, r_max), dtype=torch.bool, device=x.device)
+    xa.copy_(torch.where(keep & active[:, None], prod, torch.zeros((), dtype=acc, device=x.device)))
+    return xa
+
+
+def lora_expand_ref(
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+    col_offset: int = 0,
+) -> torch.Tensor:
+    """Per-token expand, in place on y's columns [col_offset, col_offset + N).
+
+    Shapes: y [M, N_total] with col_offset + N <= N_total; xa [M, r_max] (any float dtype, read as fp32);
+    lora_b [L, N, r_max]; adapter_ids [M] integer in [-1, L); scales [L]; ranks [L] in [0, r_max] or None.
+    ::
+
+        for t in range(M):
+            i = adapter_ids[t]
+            if i < 0: continue                        # token without adapter: y[t] untouched
+            r = ranks[i]
+            y[t, col_offset:col_offset+N] += scales[i] * (xa[t, :r] @ lora_b[i, :, :r].T)
+
+    The update is accumulated in fp32 together with y's old value and rounded once. Returns y.
+    """
+    M, N, r_max = y.shape[0], lora_b.shape[1], lora_b.shape[2]
+    if M == 0 or N == 0:
+        return y
+    acc = compute_dtype(y.dtype)
+    if torch.float64 in (xa.dtype, lora_b.dtype):
+        acc = torch.float64
+    ids = adapter_ids.to(torch.int64)
+    active = ids >= 0
+    safe = ids.clamp(min=0)
+    xac = xa.to(acc)
+    if ranks is not None:
+        xac = xac * (torch.arange(r_max, device=y.device)[None, :] < ranks.to(y.device, torch.int64)[safe][:, None]).to(acc)
+    upd = torch.bmm(lora_b[safe].to(acc), xac[:, :, None])[:, :, 0] * scales.to(acc)[safe][:, None]  # [M, N]
+    cols = y[:, col_offset : col_offset + N]
+    cols.copy_(torch.where(active[:, None], cols.to(acc) + upd, cols.to(acc)).to(y.dtype))
+    return y
