@@ -7,11 +7,13 @@ Validation (each op family's ``check_*`` in ``ops/<family>.py``) and backend cho
 
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from ._backend import resolve_backend
+from ._checks import LoRAInputError
 from .ops.lora_linear import check_lora_linear
 from .ops.merge import check_merge
 from .ops.multi_lora import check_add_lora
@@ -23,9 +25,20 @@ _ops = torch.ops.lora_kernels
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def _draw_seed() -> int:
-    """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
-    return torch.randint(0, 2**31 - 1, (1,)).item()
+def _draw_seed():
+    """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it).
+
+    Eager: a Python int. Under torch.compile: the one-element CPU tensor itself, which the op reads at run time,
+    so drawing it neither breaks the graph nor specialises on its value."""
+    t = torch.randint(0, 2**31 - 1, (1,))
+    return t if torch.compiler.is_compiling() else int(t)
+
+
+def _check_seed(seed) -> int:
+    try:
+        return operator.index(seed) & 0x7FFFFFFFFFFFFFFF
+    except TypeError:
+        raise LoRAInputError(f"lora_kernels.lora_linear: seed must be an int or None, got {seed!r}") from None
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -41,22 +54,26 @@ class LoRALinearFunction(torch.autograd.Function):
         K = x.shape[-1]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
-        y2, xa = _ops.lora_linear_fwd(x2, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend)
+        seed_int, seed_t = (0, seed) if isinstance(seed, torch.Tensor) else (seed, None)
+        y2, xa = _ops.lora_linear_fwd(x2, weight, lora_a, lora_b, scale, bias, dropout_p, seed_int, backend, seed_t)
         need_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        ctx.save_for_backward(x2 if need_x else None, xa, weight, lora_a, lora_b)
-        ctx.cfg = (scale, dropout_p, seed, backend, lead, K)
-        return y2.reshape(*lead, weight.shape[0])
+        ctx.save_for_backward(x2 if need_x else None, xa, weight, lora_a, lora_b, seed_t)
+        ctx.cfg = (scale, dropout_p, seed_int, backend, lead, K)
+        # Not a view of y2 in autograd's eyes (as nn.Linear's output is not): in-place ops on the result
+        # (y += 1, ReLU(inplace=True)) then work, and FSDP2 sees no view output.
+        return torch.ops.aten._unsafe_view(y2, (*lead, weight.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, weight, lora_a, lora_b, seed_t = ctx.saved_tensors
         scale, dropout_p, seed, backend, lead, K = ctx.cfg
         need = ctx.needs_input_grad
         mask = [need[0], need[2], need[3], need[1]]
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = da = db = dw = dbias = None
         if any(mask):
-            dx, da, db, dw = _ops.lora_linear_bwd(dy2, x2, xa, weight, lora_a, lora_b, scale, dropout_p, seed, mask, backend)
+            dx, da, db, dw = _ops.lora_linear_bwd(dy2, x2, xa, weight, lora_a, lora_b, scale, dropout_p, seed, mask, backend,
+                                                  seed_t)
             dx = dx.reshape(*lead, K) if need[0] else None
             da = da if need[2] else None
             db = db if need[3] else None
@@ -107,12 +124,12 @@ def lora_linear(
     if lora_a.dtype != x.dtype:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     dropout_p = float(dropout_p)
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()  # already in [0, 2^31); under torch.compile an unbacked SymInt: no guards on it
-    elif seed is None:
-        seed = 0
+    if seed is not None:
+        seed = _check_seed(seed)
+    elif dropout_p > 0.0:
+        seed = _draw_seed()
     else:
-        seed = int(seed) & 0x7FFFFFFFFFFFFFFF
+        seed = 0
     be = resolve_backend("lora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
     if ac is not None:
         with torch.autocast(ac, enabled=False):

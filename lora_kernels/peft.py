@@ -107,9 +107,12 @@ def _module_reason(mod) -> Optional[str]:
         return "LoRA layer with an accelerate hook (offloading / device alignment) is not fused"
     if getattr(mod, "fan_in_fan_out", False):
         return "fan_in_fan_out=True is not fused"
-    base = mod.get_base_layer()
+    # The layer's own base, not get_base_layer(): in a PeftMixedModel it can be another tuner's layer (LoHa, LoKr,
+    # ...) whose contribution PEFT adds by calling it; unwrapping to its nn.Linear would drop that contribution.
+    base = mod.base_layer
     if type(base) is not nn.Linear:
-        return f"base layer {type(base).__name__} (quantized or not a plain nn.Linear) is not fused"
+        return (f"base layer {type(base).__module__}.{type(base).__qualname__} (another tuner's layer, quantized, or "
+                "not a plain nn.Linear) is not fused")
     if hasattr(base, "_hf_hook"):
         return "base layer with an accelerate hook (offloading) is not fused"
     return None
@@ -130,7 +133,7 @@ def _call_reason(self, x, args, kwargs) -> Optional[str]:
     reason = _adapter_reason(self, name)
     if reason is not None:
         return reason
-    base = self.get_base_layer()
+    base = self.base_layer
     if base._forward_hooks or base._forward_pre_hooks:
         return "forward hooks on the base layer are not fused"
     w = base.weight
@@ -158,7 +161,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             _log_once(reason)
         return _orig_forward(self)(x, *args, **kwargs)
     name = next(a for a in self.active_adapters if a in self.lora_A)
-    base = self.get_base_layer()
+    base = self.base_layer
     drop = self.lora_dropout[name] if name in self.lora_dropout else None
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     return lora_linear(

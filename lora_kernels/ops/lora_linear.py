@@ -18,12 +18,15 @@ from ._registry import add_rows, define, impl_all_devices, launcher, lib
 OP = "lora_linear"
 
 define([
-    # y [M, N] (x.dtype), xa [M, r] (fp32; fp64 for fp64 inputs)
+    # y [M, N] (x.dtype), xa [M, r] (fp32; fp64 for fp64 inputs). The dropout seed is `seed`, or the value of
+    # `seed_tensor` (a one-element int64 CPU tensor) when given: a seed drawn inside a torch.compile graph
+    # reaches the kernels without a graph break (the op reads it at run time, on the host).
     "lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, "
-    "float dropout_p, SymInt seed, str backend) -> (Tensor, Tensor)",
+    "float dropout_p, SymInt seed, str backend, Tensor? seed_tensor=None) -> (Tensor, Tensor)",
     # (dx, dA, dB, dW0); a gradient not asked for by output_mask comes back as an empty tensor
     "lora_linear_bwd(Tensor dy, Tensor? x, Tensor xa, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
-    "float dropout_p, SymInt seed, bool[] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    "float dropout_p, SymInt seed, bool[] output_mask, str backend, Tensor? seed_tensor=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     # --- CUDA extension kernels (C++ implementation only, csrc/lora_linear_torch.cpp) ---
     # lora_linear_fwd on the extension (x [M, K] 2-D): (y [M, N] x.dtype, xa [M, r] fp32)
     "cuda_lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias, "
@@ -98,11 +101,15 @@ def check_lora_linear(
 # ----------------------------------------------------------------------------------------------
 
 
-def _lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend):
+def _lora_linear_fwd(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend, seed_tensor=None):
+    if seed_tensor is not None:
+        seed = int(seed_tensor)
     return launcher("lora_linear_fwd", backend)(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
 
 
-def _lora_linear_bwd(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend):
+def _lora_linear_bwd(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend, seed_tensor=None):
+    if seed_tensor is not None:
+        seed = int(seed_tensor)
     grads = launcher("lora_linear_bwd", backend)(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask)
     templates = (x if x is not None else dy, lora_a, lora_b, weight)
     return tuple(
@@ -118,13 +125,13 @@ impl_all_devices("lora_linear_bwd", _lora_linear_bwd)
 # ----------------------------------------------------------------------------------------------
 
 
-def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend=None):
+def _fwd_fake(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend=None, seed_tensor=None):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     xa = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=ref.compute_dtype(x.dtype))
     return y, xa
 
 
-def _bwd_fake(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend=None):
+def _bwd_fake(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend=None, seed_tensor=None):
     shapes = ((dy.shape[0], weight.shape[1]), tuple(lora_a.shape), tuple(lora_b.shape), tuple(weight.shape))
     dtypes = (dy.dtype, lora_a.dtype, lora_b.dtype, weight.dtype)
     return tuple(dy.new_empty(shape if want else (0,), dtype=dt) for want, shape, dt in zip(output_mask, shapes, dtypes))
