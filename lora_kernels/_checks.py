@@ -72,14 +72,35 @@ def memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if (a_dense and b_dense) or offs[1] is None or max(a.numel(), b.numel()) > 2**22:
         return True  # dense tensors cover their whole spans; or too large / mixed element sizes to check exactly
+    return bool(torch.isin(_element_offsets(a) + offs[0], _element_offsets(b) + offs[1]).any())
 
-    def elements(t, base):
-        idx = torch.zeros((), dtype=torch.int64)
-        for n, st in zip(t.shape, t.stride()):
-            idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
-        return idx.reshape(-1) + base
 
-    return bool(torch.isin(elements(a, offs[0]), elements(b, offs[1])).any())
+def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+    """Storage offset (in elements, relative to t's first element) of every element of t, int64 on the CPU."""
+    idx = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return idx.reshape(-1)
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory (an expanded or self-overlapping ``as_strided`` view), which an
+    in-place kernel writing tiles in parallel cannot handle. Exact: sorted by stride, a layout in which every
+    stride exceeds the largest offset the smaller-stride dims reach is overlap-free; other layouts of up to 2^22
+    elements are checked element by element, larger ones count as overlapping. False under tracing."""
+    if _is_compiling() or t.numel() <= 1:
+        return False
+    reach = 0
+    for st, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if st <= reach:
+            break
+        reach += st * (n - 1)
+    else:
+        return False
+    if t.numel() > 2**22:
+        return True
+    offsets = _element_offsets(t)
+    return offsets.unique().numel() != offsets.numel()
 
 
 def check_float(op: str, name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:

@@ -66,6 +66,7 @@ from ._backend import resolve_backend
 from ._checks import LoRAInputError, check_float
 from .functional import TensorOrList, merge_inputs
 from .ops import launcher
+from .ops._registry import mark_written
 from .ops.merge import BITS_DTYPE
 
 __all__ = ["MergeRecord", "MergeOverflowError", "merge_exact_", "unmerge_exact_"]
@@ -185,6 +186,7 @@ def merge_exact_(
             b_ops = [b.detach() for b in lora_b]
             versions = tuple(_version(t) for t in lora_a + lora_b)
         index, bits, n_nonfinite, config = launcher("merge_exact", be)(weight, a_ops, b_ops, scales)
+        mark_written(weight)
         record = MergeRecord(
             backend=be, config=config, lora_a=a_ops, lora_b=b_ops, scales=tuple(scales), snapshot=snapshot,
             adapter_versions=versions, weight_ptr=weight.data_ptr(), weight_shape=tuple(weight.shape),
@@ -239,6 +241,7 @@ def _check_record(op: str, weight: torch.Tensor, record, backend: Optional[str])
 def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
     # the plain merge of the same backend and launch config with negated scales forms exactly −Δ
     launcher("merge", record.backend)(weight, record.lora_a, record.lora_b, [-s for s in record.scales], record.config)
+    mark_written(weight)
     if record.n_repairs:
         K = weight.shape[1]
         idx = record.repair_index.to(torch.int64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -72,6 +72,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dt, device=dev))
         self.merged = False
         self._merge_record: Optional[MergeRecord] = None  # set by merge(); not part of the state dict
+        # Other names of self.weight in the model it was injected into (a tied lm_head / embedding); set by
+        # inject_lora. merge() refuses to change a tied weight unless asked.
+        self.tied_to: Tuple[str, ...] = ()
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -96,16 +99,27 @@ class LoRALinear(nn.Module):
         )
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, allow_tied: bool = False) -> None:
         """Fold ``scale·B·A`` into the base weight in place (fp32 accumulate, one rounding), losslessly.
 
         Uses :func:`lora_kernels.merge_exact_`: the returned record (a repair list plus a snapshot of A and B;
         see ``lora_kernels.exact_merge``) is kept on the module as ``_merge_record`` (not in the state dict),
         so :meth:`unmerge` restores the base weight bit-for-bit — even if lora_A / lora_B were changed while
         merged (the record removes exactly what was added; the new A/B are used from then on).
+
+        A weight tied to another module's parameter (``tied_to``, e.g. an lm_head sharing the embedding matrix)
+        is refused: merging would change the other module too. ``allow_tied=True`` merges anyway (with a warning).
         """
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged; unmerge() first")
+        if self.tied_to:
+            msg = (f"the weight is tied to {', '.join(self.tied_to)}, so merging changes that parameter too (the adapter "
+                   "would then also act on it)")
+            if not allow_tied:
+                raise LoRAInputError(f"LoRALinear.merge(): {msg}. Untie it first (e.g. module.weight = "
+                                     "nn.Parameter(module.weight.detach().clone())), keep the adapter unmerged, or pass "
+                                     "allow_tied=True to merge anyway")
+            warnings.warn(f"LoRALinear.merge(allow_tied=True): {msg}", UserWarning, stacklevel=2)
         self._merge_record = merge_exact_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
         self.merged = True
 
@@ -186,10 +200,16 @@ def inject_lora(
     ]
     if not hits:
         raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r}")
+    names_of: Dict[int, list] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(pname)
     for name, mod in hits:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval))
+        layer = LoRALinear(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval)
+        own = f"{name}.weight"
+        layer.tied_to = tuple(n for n in names_of.get(id(mod.weight), ()) if n != own)
+        setattr(parent, child, layer)
     return model
 
 

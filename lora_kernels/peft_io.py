@@ -54,8 +54,13 @@ def _pattern_value(patterns: Dict[str, float], path: str, default):
 
 def peft_scale(config: dict, path: str) -> Tuple[int, float, float]:
     """(r, alpha, scale) of module ``path`` under a PEFT LoRA ``config`` dict."""
-    r = int(_pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8)))
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8)))
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"PEFT adapter config: module {path!r} has rank r={r!r}; r must be a positive int")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"PEFT adapter config: module {path!r} has lora_alpha={alpha!r}; it must be a finite number")
+    alpha = float(alpha)
     scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
     return r, alpha, scale
 

@@ -53,6 +53,8 @@ class AdapterSlots:
         widths = [int(out_features)] if isinstance(out_features, int) else [int(w) for w in out_features]
         if not widths or any(w < 1 for w in widths):
             raise LoRAInputError(f"AdapterSlots: out_features must be positive widths, got {out_features}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise LoRAInputError(f"AdapterSlots: dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.num_slots, self.r_max, self.in_features, self.out_features = num_slots, r_max, in_features, widths
         self.lora_a = [torch.zeros((num_slots, r_max, in_features), dtype=dtype, device=device) for _ in widths]
         self.lora_b = [torch.zeros((num_slots, n, r_max), dtype=dtype, device=device) for n in widths]
@@ -131,12 +133,19 @@ class AdapterSlots:
             raise LoRAInputError(f"AdapterSlots.load: scale must be one finite number, got {scale!r}")
         if name is not None and name in self._names and self._names[name] != slot:
             raise LoRAInputError(f"AdapterSlots.load: adapter {name!r} is already loaded in slot {self._names[name]}")
+        # Everything that can fail (dtype/device conversion) happens before the slot is touched, so a failed load
+        # leaves the slot, its scale, rank and name exactly as they were.
+        dev, dt = self.scales.device, self.lora_a[0].dtype
+        try:
+            staged = [(a.detach().to(device=dev, dtype=dt), b.detach().to(device=dev, dtype=dt)) for a, b in zip(As, Bs)]
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            raise LoRAInputError(f"AdapterSlots.load: cannot copy the adapter to {dt} on {dev}: {e}") from e
         with torch.no_grad():
-            for s, (a, b) in enumerate(zip(As, Bs)):
+            for s, (a, b) in enumerate(staged):
                 self.lora_a[s][slot].zero_()
                 self.lora_b[s][slot].zero_()
-                self.lora_a[s][slot, :r].copy_(a.detach())
-                self.lora_b[s][slot, :, :r].copy_(b.detach())
+                self.lora_a[s][slot, :r].copy_(a)
+                self.lora_b[s][slot, :, :r].copy_(b)
             self.scales[slot] = float(scale_t)
             self.ranks[slot] = r
         for n, sl in list(self._names.items()):

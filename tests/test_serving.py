@@ -226,8 +226,11 @@ def test_slots_single_slice_tensor_load():
     x = torch.randn(3, K, generator=gen).to(DEV)
     ids = torch.tensor([1, -1, 1], device=DEV)
     y = slots.apply(torch.zeros(3, 12, device=DEV), x, ids, backend="torch")
-    exp = add_lora_ref(torch.zeros(3, 12, device=DEV), x, slots.lora_a, slots.lora_b, ids, slots.scales, slots.ranks)
-    assert torch.equal(y, exp)
+    exp = add_lora_ref(torch.zeros(3, 12, device=DEV).double(), x.double(), [a.double() for a in slots.lora_a],
+                       [b.double() for b in slots.lora_b], ids, slots.scales.double(), slots.ranks)
+    # the torch backend is its own composition (grouped by adapter), no longer the reference itself
+    assert_close_rel(y, exp, TOL[torch.float32], "torch backend vs float64 reference")
+    assert torch.equal(y[1], torch.zeros(12, device=DEV))
     assert_close_rel(y[0], 3.0 * (x[0].cpu() @ A.t() @ B.t()).to(DEV), TOL[torch.float32], "single slice")
 
 

@@ -38,6 +38,14 @@ def impl_all_devices(name: str, fn: Callable) -> None:
         lib.impl(name, fn, key)
 
 
+def mark_written(*tensors: torch.Tensor) -> None:
+    """Bump the version counter of tensors a launcher wrote in place. Kernels write through raw pointers, which
+    autograd does not see; without this, autograd's saved-tensor checks and ``MergeRecord``'s "modified since
+    the merge" check would miss the write. Every op that mutates an argument calls it once per call."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
 def add_rows(rows: Mapping[Tuple[str, str], str], public: Mapping[str, Tuple[str, ...]]) -> None:
     """Add a family's launcher rows and its public op names (each with the launchers it needs)."""
     for key, target in rows.items():

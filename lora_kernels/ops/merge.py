@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .._checks import check_float, check_scale, fail, shape_str
-from ._registry import add_rows, define, impl_all_devices, launcher, lib
+from .._checks import check_float, check_scale, fail, has_internal_overlap, memory_overlaps, shape_str
+from ._registry import add_rows, define, impl_all_devices, launcher, lib, mark_written
 
 OP = "merge_"
 
@@ -62,6 +62,9 @@ def check_merge(
         if weight.stride(d) == 0 and weight.shape[d] > 1:
             fail(OP, f"weight has stride 0 in dim {d} (an expanded view whose elements alias); an in-place merge "
                      "needs every element stored once (call .contiguous() and merge that)")
+    if has_internal_overlap(weight):
+        fail(OP, f"weight (shape {shape_str(weight)}, strides {list(weight.stride())}) has elements that share memory; "
+                 "an in-place merge needs every element stored once (call .contiguous() and merge that)")
     if len(lora_a) == 0 or not (len(lora_a) == len(lora_b) == len(scales)):
         fail(OP, f"need one scale per adapter and non-empty lists: got {len(lora_a)} lora_a, {len(lora_b)} lora_b, {len(scales)} scales")
     N, K = weight.shape
@@ -77,12 +80,17 @@ def check_merge(
             fail(OP, f"rank mismatch in adapter {i}: lora_a has r={a.shape[0]} rows, lora_b has {b.shape[1]} columns")
         if a.device != weight.device or b.device != weight.device:
             fail(OP, f"adapter {i} is on {a.device}/{b.device} but weight is on {weight.device}")
+        for name, t in ((f"lora_a[{i}]", a), (f"lora_b[{i}]", b)):
+            if memory_overlaps(weight, t):
+                fail(OP, f"{name} shares memory with weight (it is read while weight is written in place); "
+                         "pass a copy (.clone())")
         out.append(check_scale(OP, s))
     return out
 
 
 def _merge_(weight, lora_a, lora_b, scales, backend):
     launcher("merge", backend)(weight, lora_a, lora_b, scales)
+    mark_written(weight)
 
 
 impl_all_devices("merge_", _merge_)

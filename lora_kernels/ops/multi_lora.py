@@ -24,10 +24,11 @@ from .._checks import (
     check_same_device,
     data_checks_enabled,
     fail,
+    has_internal_overlap,
     memory_overlaps,
     shape_str,
 )
-from ._registry import add_rows, define, impl_all_devices, launcher, lib
+from ._registry import add_rows, define, impl_all_devices, launcher, lib, mark_written
 
 OP = "add_lora"
 
@@ -41,6 +42,18 @@ def _tile_capacity(capacity: int, num_adapters: int, block_m: int) -> int:
     """Upper bound on Σ_i ceil(count_i / block_m) over adapters with count_i > 0 and Σ count_i <= capacity."""
     active = min(num_adapters, capacity)
     return min(capacity, (capacity + active * (block_m - 1)) // block_m)
+
+
+def _check_int(who: str, name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise LoRAInputError(f"{who}: {name} must be an int, got {v!r}")
+    return v
+
+
+def _check_ids(who: str, ids) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in INDEX_DTYPES or ids.dim() != 1:
+        got = f"{ids.dtype} tensor of shape {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LoRAInputError(f"{who}: adapter_ids must be a 1-D int32 or int64 tensor [M], got {got}")
 
 
 class LoRABatchMeta:
@@ -71,14 +84,15 @@ class LoRABatchMeta:
         max_tokens: Optional[int] = None,
         block_m: int = DEFAULT_BLOCK_M,
     ):
-        if adapter_ids.dim() != 1:
-            raise LoRAInputError(f"LoRABatchMeta: adapter_ids must be 1-D [M], got shape {list(adapter_ids.shape)}")
+        _check_ids("LoRABatchMeta", adapter_ids)
         M = adapter_ids.shape[0]
-        capacity = M if max_tokens is None else int(max_tokens)
+        capacity = M if max_tokens is None else _check_int("LoRABatchMeta", "max_tokens", max_tokens)
         if capacity < M:
             raise LoRAInputError(f"LoRABatchMeta: max_tokens={capacity} is smaller than the batch ({M} tokens)")
+        num_adapters = _check_int("LoRABatchMeta", "num_adapters", num_adapters)
         if num_adapters < 0:
             raise LoRAInputError(f"LoRABatchMeta: num_adapters must be >= 0, got {num_adapters}")
+        block_m = _check_int("LoRABatchMeta", "block_m", block_m)
         if block_m < 16 or block_m & (block_m - 1):
             raise LoRAInputError(f"LoRABatchMeta: block_m must be a power of two >= 16, got {block_m}")
         dev = adapter_ids.device
@@ -112,7 +126,8 @@ class LoRABatchMeta:
     def update_(self, adapter_ids: torch.Tensor) -> "LoRABatchMeta":
         """Recompute every buffer in place for new ``adapter_ids`` ([M'] with M' <= capacity; the rest is padding
         with id -1). Device ops only: safe to run between CUDA-graph replays or inside a capture."""
-        if adapter_ids.dim() != 1 or adapter_ids.shape[0] > self.capacity:
+        _check_ids("LoRABatchMeta.update_", adapter_ids)
+        if adapter_ids.shape[0] > self.capacity:
             raise LoRAInputError(
                 f"LoRABatchMeta.update_: adapter_ids must be 1-D with at most {self.capacity} tokens, "
                 f"got shape {list(adapter_ids.shape)}"
@@ -191,9 +206,21 @@ def check_add_lora(
     meta=None,
 ) -> None:
     """Validate add_lora inputs (see reference.add_lora_ref for the semantics); with ``meta`` (a
-    :class:`LoRABatchMeta`), also that it describes these adapter_ids (in the same single host read)."""
+    :class:`LoRABatchMeta`), also that it describes these adapter_ids (in the same single host read).
+
+    add_lora is an inference op on every backend: with grad mode on, an input that requires grad is an error
+    (it would be differentiable on one backend and silently not on another)."""
     check_float(OP, "y", y)
     check_float(OP, "x", x)
+    for name, t in (("adapter_ids", adapter_ids), ("scales", scales), ("ranks", ranks)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            fail(OP, f"{name} must be a torch.Tensor, got {type(t).__name__} (e.g. torch.tensor({name}, device=x.device))")
+    if torch.is_grad_enabled():
+        for name, t in (("y", y), ("x", x), ("scales", scales), *((f"lora_a[{s}]", a) for s, a in enumerate(lora_a)),
+                        *((f"lora_b[{s}]", b) for s, b in enumerate(lora_b))):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                fail(OP, f"{name} requires grad, but add_lora is an inference op (not differentiable on any backend); "
+                         "call it under torch.no_grad() or torch.inference_mode(), or use lora_linear to train")
     if len(lora_a) == 0 or len(lora_a) != len(lora_b):
         fail(OP, f"lora_a and lora_b must be non-empty lists of equal length (one per slice), got {len(lora_a)} and {len(lora_b)}")
     if x.dim() != 2:
@@ -239,6 +266,9 @@ def check_add_lora(
     tensors.update({f"lora_a[{s}]": a for s, a in enumerate(lora_a)})
     tensors.update({f"lora_b[{s}]": b for s, b in enumerate(lora_b)})
     check_same_device(OP, **tensors)
+    if has_internal_overlap(y):
+        fail(OP, f"y (shape {shape_str(y)}, strides {list(y.stride())}) has elements that share memory; it is updated "
+                 "in place, so every element must be stored once (pass a contiguous y)")
     # y is written slice by slice while x and the weights are still being read: no shared memory.
     for name, t in tensors.items():
         if name != "y" and t is not None and memory_overlaps(y, t):
@@ -301,6 +331,7 @@ def _add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend, sorted
         return
     groups = None if sorted_token_ids is None else (sorted_token_ids, tiles, block_m)
     launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks, groups)
+    mark_written(y)
 
 
 impl_all_devices("add_lora_", _add_lora_)

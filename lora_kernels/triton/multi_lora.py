@@ -350,6 +350,9 @@ def add_lora_triton(
     if L == 0 or r_max == 0:
         return
     strat = choose_strategy(M, L, r_max, strategy)
+    # The kernels index ids, scales and ranks with unit stride ([M] / [L]: a copy costs nothing next to a launch).
+    adapter_ids, scales = adapter_ids.contiguous(), scales.contiguous()
+    ranks = ranks.contiguous() if ranks is not None else None
     has_ranks = ranks is not None
     ranks_arg = ranks if has_ranks else scales  # never read when HAS_RANKS is False
     n_max = max(b.shape[1] for b in lora_b)
