@@ -224,3 +224,70 @@ def unmerge_(
 ) -> torch.Tensor:
     """In place: ``W ← round(W − Σᵢ sᵢ·Bᵢ·Aᵢ)``; the inverse of :func:`merge_` up to rounding."""
     return _merge(weight, lora_a, lora_b, scale, -1.0, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shrink / expand halves of add_lora as ops of their own (ops/shrink_expand.py): for callers that keep the
+# r-wide intermediate themselves (vLLM's add_shrink / add_expand / add_lora_embedding)
+# ----------------------------------------------------------------------------------------------
+
+from .ops.shrink_expand import check_lora_expand, check_lora_shrink  # noqa: E402  (kept beside its users)
+
+__all__ += ["lora_shrink", "lora_expand_"]
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scale: float = 1.0,
+    ranks: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Per-token shrink: a new ``xa`` [M, r_max], fp32 (fp64 when x or lora_a is fp64), with
+    ``xa[t, :rank_i] = scale·x[t]·A[i, :rank_i]ᵀ`` for ``i = adapter_ids[t]`` and 0 everywhere else (whole rows
+    for id -1, columns past each adapter's rank).
+
+    Args:
+        x: [M, K] tokens (any strides). lora_a: stacked A, [L, r_max, K] (any strides; e.g. vLLM's
+            ``lora_a_stacked[s][:, 0]``). adapter_ids: [M] int32/int64 in [-1, L). scale: a finite float.
+        ranks: [L] per-adapter rank in [0, r_max] (None: all r_max).
+        backend: "cuda" | "triton" | "torch" | None (auto).
+
+    An inference op (no autograd). Semantics: ``reference.lora_shrink_ref``.
+    """
+    scale = check_lora_shrink(x, lora_a, adapter_ids, scale, ranks)
+    be = resolve_backend("lora_shrink", x, lora_a, backend=backend)
+    return _ops.lora_shrink(x, lora_a, adapter_ids, scale, ranks, be)
+
+
+def lora_expand_(
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+    col_offset: int = 0,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Per-token expand, in place on y's columns [col_offset, col_offset + N); returns y.
+
+    ``y[t, col_offset:col_offset+N] += scales[i]·xa[t, :rank_i]·B[i, :, :rank_i]ᵀ`` for ``i = adapter_ids[t]``
+    (fp32 accumulation with y's old value, one rounding); rows whose id is -1 and columns outside the window are
+    untouched.
+
+    Args:
+        y: [M, N_total] (any strides, every element stored once). xa: [M, r_max], any float dtype (read as fp32).
+        lora_b: stacked B, [L, N, r_max] (any strides). adapter_ids: [M] int32/int64 in [-1, L).
+        scales: [L] per-adapter scale (finite). ranks: [L] in [0, r_max] or None. col_offset: first column of y.
+        backend: "cuda" | "triton" | "torch" | None (auto).
+
+    An inference op (no autograd). Semantics: ``reference.lora_expand_ref``.
+    """
+    col_offset = check_lora_expand(y, xa, lora_b, adapter_ids, scales, ranks, col_offset)
+    be = resolve_backend("lora_expand", y, xa, lora_b, backend=backend)
+    _ops.lora_expand_(y, xa, lora_b, adapter_ids, scales, ranks, col_offset, be)
+    return y

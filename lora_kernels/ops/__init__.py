@@ -5,5 +5,5 @@ and its rows of the dispatch table (``_registry.TABLE``). Importing this package
 imports Triton or the CUDA extension (launchers load on first use).
 """
 
-from . import lora_linear, merge, multi_lora  # noqa: F401  (registers each family)
+from . import lora_linear, merge, multi_lora, shrink_expand  # noqa: F401  (registers each family)
 from ._registry import PUBLIC_OPS, SCHEMAS, TABLE, implemented_ops, implements, launcher  # noqa: F401
