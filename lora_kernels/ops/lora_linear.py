@@ -1,7 +1,8 @@
 """The LoRA linear op family: validation, schemas, fakes, routing and dispatch-table rows.
 
 Semantics: :func:`lora_kernels.reference.lora_linear_fwd_ref` / :func:`lora_kernels.reference.lora_linear_bwd_ref`.
-Launchers: ``torch`` (reference), ``triton/lora_linear.py``, ``cuda/lora_linear.py`` (kernels in
+Launchers: ``torch/lora_linear.py`` (a composition of PyTorch ops in the input dtype; the float64-faithful
+oracle stays in ``reference.py``), ``triton/lora_linear.py``, ``cuda/lora_linear.py`` (kernels in
 ``csrc/lora_linear.cu``, glue in ``csrc/lora_linear_torch.cpp``).
 """
 
@@ -40,8 +41,8 @@ define([
 
 add_rows(
     {
-        ("lora_linear_fwd", "torch"): "lora_kernels.reference:lora_linear_fwd_ref",
-        ("lora_linear_bwd", "torch"): "lora_kernels.reference:lora_linear_bwd_ref",
+        ("lora_linear_fwd", "torch"): "lora_kernels.torch.lora_linear:lora_linear_fwd_torch",
+        ("lora_linear_bwd", "torch"): "lora_kernels.torch.lora_linear:lora_linear_bwd_torch",
         ("lora_linear_fwd", "triton"): "lora_kernels.triton.lora_linear:lora_linear_fwd_triton",
         ("lora_linear_bwd", "triton"): "lora_kernels.triton.lora_linear:lora_linear_bwd_triton",
         ("lora_linear_fwd", "cuda"): "lora_kernels.cuda.lora_linear:lora_linear_fwd_cuda",

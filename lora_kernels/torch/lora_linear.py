@@ -1,0 +1,309 @@
+"""The LoRA linear layer on the torch backend: an efficient composition of PyTorch ops in the input dtype.
+
+Semantics are :func:`lora_kernels.reference.lora_linear_fwd_ref` / :func:`~lora_kernels.reference.lora_linear_bwd_ref`
+(x [M, K], W0 [N, K], A [r, K], B [N, r], s = scale, acc = fp64 for fp64 inputs, else fp32)::
+
+    forward   y  = x·W0ᵀ + bias                     one GEMM in x's dtype (torch.addmm, as nn.Linear does)
+              xa = drop(x)·Aᵀ                       fp32 (acc) [M, r], saved for the backward
+              y += s·xa·Bᵀ                          fp32 (acc) product, added into y
+    backward  dxa = s·dy·B,  dB = s·dyᵀ·xa          fp32 (acc)
+              dA  = dxaᵀ·drop(x)                    fp32 (acc)
+              dx  = dy·W0 (x's dtype) + drop'(dxa·A)  (the r-wide term in fp32, added into dx)
+              dW0 = dyᵀ·x                           x's dtype, only when asked
+
+Unlike the reference (the float64-faithful oracle) nothing here upcasts the frozen weight: W0 is read in place
+by the GEMMs (no N×K copy or temporary), only A, B (r×K, N×r) are cast to the accumulation dtype.
+
+Numerics, by dtype:
+
+* fp64 and fp32: every product in the input precision; ``addmm_`` accumulates the LoRA term straight into y
+  (and dxa·A into dx) inside the GEMM, so y and dx are the base result rounded, then rounded again after the
+  r-wide term is added (the reference, in fp32, rounds each op the same way).
+* bf16 / fp16: the base GEMMs (x·W0ᵀ + bias, dy·W0) run in the 16-bit dtype with fp32 accumulation and are
+  rounded once by the GEMM; the LoRA term is formed in fp32 (xa, dxa·A) and added in fp32, and the sum is rounded
+  again: **y and dx are rounded twice** (the reference rounds once), at most half an ulp of extra error, as in the
+  CUDA backend. xa, dxa, dA, dB are fp32 products of the 16-bit inputs (upcast block by block), rounded once to the
+  parameter dtype at the end. The column block of x (or dy) upcast to fp32 is at most ``_BLOCK_ELEMS`` elements on
+  the CPU, so no M×K fp32 copy of x is made.
+* ``drop(x)·Aᵀ`` is computed as ``((x ∘ keep)·Aᵀ) · 1/(1−p)`` (the mask zeroes exactly, the 1/(1−p) is applied to the
+  r-wide product instead of to every element of x); same value as the reference's up to fp32 rounding.
+
+Dropout mask: the reference's counter hash (``reference.dropout_keep_mask``), evaluated here in int32 arithmetic
+(multiplication wraps modulo 2^32 like uint32; logical right shifts are arithmetic shifts masked to the low bits;
+the unsigned threshold test is a signed comparison after flipping the sign bit), bit for bit the same mask as the
+reference, Triton and CUDA. It is generated block by block (each block's int32 temporaries stay in cache on the
+CPU), once in the forward and once in the backward, where dA and dx share it; it is never stored.
+
+On the CPU, when oneDNN has no kernel for the 16-bit dtype (no AVX512-BF16 / AMX / AVX512-FP16), torch's fallback
+GEMM is several times faster for ``dy·W0`` with dy in column-major order: the backward then copies dy (M×N, an
+activation-sized temporary, never the weight) to column-major first. Everywhere else the GEMMs take their
+operands as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .. import reference as ref
+
+__all__ = ["lora_linear_fwd_torch", "lora_linear_bwd_torch", "keep_mask_rows", "dropout_keep_mask_fast"]
+
+# Elements per row block of the blocked loops on the CPU (fp32/int32 temporaries of 256 KiB stay in L2).
+_BLOCK_ELEMS = 1 << 16
+# Row blocks for the dropout hash alone (int32 work buffers; measured best on a 2-core x86 CPU).
+_HASH_BLOCK_ELEMS = 1 << 17
+
+_C1 = 0x7FEB352D
+_C2 = 0x846CA68B - (1 << 32)  # the same 32 bits as a signed int32
+_INT_MIN = -(1 << 31)
+_LOWP = (torch.float16, torch.bfloat16)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_rows(M: int, K: int, device: torch.device, elems: Optional[int] = None) -> int:
+    """Rows per block: cache-sized on the CPU; one block elsewhere (each op is a kernel launch there)."""
+    if device.type != "cpu":
+        return max(M, 1)
+    return max(1, (_BLOCK_ELEMS if elems is None else elems) // max(K, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout mask: reference.dropout_keep_mask in int32 arithmetic
+# ----------------------------------------------------------------------------------------------
+
+
+def _mix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """lowbias32 finaliser in place on int32 ``h`` (uint32 bit patterns); ``tmp`` is a scratch of h's shape."""
+    torch.bitwise_right_shift(h, 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF)
+    h.bitwise_xor_(tmp)
+    h.mul_(_C1)
+    torch.bitwise_right_shift(h, 15, out=tmp)
+    tmp.bitwise_and_(0x1FFFF)
+    h.bitwise_xor_(tmp)
+    h.mul_(_C2)
+    torch.bitwise_right_shift(h, 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF)
+    h.bitwise_xor_(tmp)
+    return h
+
+
+class _KeepMask:
+    """Generator of the keep-mask rows of one call: ``keep(r0, r1)`` = rows row0+r0 .. row0+r1-1 of
+    ``reference.dropout_keep_mask(seed, ·, cols, p)`` as a bool tensor (by default a view of a reused buffer:
+    consume it before the next call), for 0 <= r0 <= r1 <= rows."""
+
+    def __init__(self, seed: int, p: float, rows: int, cols: int, device: torch.device, max_rows: int, row0: int = 0):
+        self.cols = cols
+        thr = ref.dropout_threshold(p)
+        self.none_kept = thr >= (1 << ref.DROPOUT_HASH_BITS)
+        # keep iff (h >> 8) >= thr as uint32  <=>  h >= thr << 8 (uint32)  <=>  (h ^ INT_MIN) >= (thr << 8) + INT_MIN
+        self.bound = (thr << (32 - ref.DROPOUT_HASH_BITS)) + _INT_MIN
+        seed_h = ref.dropout_seed_hash(seed)
+        # Row hashes mix32(m + mix32(seed)) for every row at once (int64 with masking: M values only).
+        m = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
+        row_h = ref._mix32(m + seed_h)
+        self.row_h = (row_h - ((row_h >> 31) << 32)).to(torch.int32)[:, None]  # the same bits as int32
+        self.k = torch.arange(cols, dtype=torch.int32, device=device)
+        n = max(1, min(rows, max_rows))
+        self._h = torch.empty((n, cols), dtype=torch.int32, device=device)
+        self._t = torch.empty((n, cols), dtype=torch.int32, device=device)
+        self._keep = torch.empty((n, cols), dtype=torch.bool, device=device)
+
+    def keep(self, r0: int, r1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = r1 - r0
+        keep = self._keep[:n] if out is None else out
+        if self.none_kept:
+            return keep.fill_(False)
+        h, t = self._h[:n], self._t[:n]
+        torch.add(self.row_h[r0:r1], self.k, out=h)  # k + mix32(m + mix32(seed)), wrapping like uint32
+        _mix32_(h, t)
+        h.bitwise_xor_(_INT_MIN)
+        return torch.ge(h, self.bound, out=keep)
+
+
+def keep_mask_rows(seed: int, row0: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Rows row0 .. row0+rows-1 of ``reference.dropout_keep_mask(seed, ·, cols, p)``, bool [rows, cols]."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    out = torch.empty((rows, cols), dtype=torch.bool, device=device)
+    if rows == 0 or cols == 0:
+        return out
+    if p == 0.0:
+        return out.fill_(True)
+    br = _block_rows(rows, cols, device, _HASH_BLOCK_ELEMS)
+    gen = _KeepMask(seed, p, rows, cols, device, br, row0=row0)
+    for r0 in range(0, rows, br):
+        r1 = min(rows, r0 + br)
+        gen.keep(r0, r1, out=out[r0:r1])
+    return out
+
+
+def dropout_keep_mask_fast(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """``reference.dropout_keep_mask`` bit for bit, in blocked int32 arithmetic (several times faster)."""
+    return keep_mask_rows(seed, 0, rows, cols, p, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM layout choice for dy·W0
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_has(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU GEMM for this 16-bit dtype goes to oneDNN (else: ATen's fallback kernels)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
+
+
+def _mm_dy_w(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dy·W0`` [M, K] in dy's dtype, without copying W0."""
+    if dy.device.type == "cpu" and dy.dtype in _LOWP and dy.shape[0] > 1 and not _onednn_has(dy.dtype):
+        dy = dy.t().contiguous().t()  # column-major dy: ATen's fallback 16-bit GEMM is fast for this layout
+    return torch.mm(dy, weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_linear_fwd_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """lora_linear_fwd on 2-D x [M, K]: returns (y [M, N] in x.dtype, xa [M, r] in fp32, fp64 for fp64 x)."""
+    M, K = x.shape
+    acc = _acc(x.dtype)
+    a = lora_a if lora_a.dtype == acc else lora_a.to(acc)
+    b = lora_b if lora_b.dtype == acc else lora_b.to(acc)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    p = float(dropout_p)
+    lowp = x.dtype != acc
+    if not lowp and p == 0.0:
+        xa = torch.mm(x, a.t())
+        y.addmm_(xa, b.t(), alpha=scale)
+        return y, xa
+
+    xa = torch.empty((M, a.shape[0]), dtype=acc, device=x.device)
+    br = _block_rows(M, K, x.device)
+    drop = _KeepMask(seed, p, M, K, x.device, br) if (p > 0.0 and M > 0) else None
+    for r0 in range(0, M, br):
+        r1 = min(M, r0 + br)
+        xb = x[r0:r1]
+        if drop is not None:
+            keep = drop.keep(r0, r1)
+            xs = xb.to(acc).mul_(keep) if lowp else torch.mul(xb, keep)
+        else:
+            xs = xb.to(acc)
+        torch.mm(xs, a.t(), out=xa[r0:r1])
+    if p > 0.0:
+        xa.mul_(1.0 / (1.0 - p))
+    if not lowp:
+        y.addmm_(xa, b.t(), alpha=scale)
+    else:
+        for r0 in range(0, M, br):
+            r1 = min(M, r0 + br)
+            y[r0:r1].add_(torch.mm(xa[r0:r1], b.t()), alpha=scale)  # fp32 sum, rounded to y's dtype
+    return y, xa
+
+
+def lora_linear_bwd_torch(
+    dy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    output_mask: Sequence[bool] = (True, True, True, False),
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """lora_linear_bwd on 2-D tensors: (dx, dA, dB, dW0), None for a gradient not in ``output_mask``.
+    x may be None when neither dA nor dW0 is requested."""
+    need_dx, need_da, need_db, need_dw = (bool(v) for v in output_mask)
+    if (need_da or need_dw) and x is None:
+        raise ValueError("lora_linear backward: dA or dW0 was requested but x was not saved")
+    M, N = dy.shape
+    K = weight.shape[1]
+    acc = _acc(dy.dtype)
+    lowp = dy.dtype != acc
+    p = float(dropout_p)
+    dx = da = db = dw = None
+    if need_dw:
+        dw = torch.mm(dy.t(), x).to(weight.dtype)
+    if need_dx:
+        dx = _mm_dy_w(dy, weight)
+    if not (need_dx or need_da or need_db):
+        return dx, da, db, dw
+    a = lora_a if lora_a.dtype == acc else lora_a.to(acc)
+    b = lora_b if lora_b.dtype == acc else lora_b.to(acc)
+    xa = xa if xa.dtype == acc else xa.to(acc)
+    inv_keep = 1.0 / (1.0 - p)
+
+    if not lowp and p == 0.0:
+        # fp32 / fp64: whole-tensor GEMMs, the r-wide term accumulated into dx inside the GEMM
+        dxa = torch.mm(dy, b).mul_(scale)
+        if need_db:
+            db = torch.mm(dy.t(), xa).mul_(scale)
+        if need_da:
+            da = torch.mm(dxa.t(), x)
+        if need_dx:
+            dx.addmm_(dxa, a)
+    else:
+        br = _block_rows(M, max(K, N), dy.device)
+        drop = _KeepMask(seed, p, M, K, dy.device, br) if (p > 0.0 and M > 0 and (need_da or need_dx)) else None
+        if lowp:
+            db = torch.zeros(b.shape, dtype=acc, device=dy.device) if need_db else None
+            dxa = None
+        else:
+            dxa = torch.mm(dy, b).mul_(scale * inv_keep)  # dxa / (1 − p): the dropout scale, applied to M×r
+            db = torch.mm(dy.t(), xa).mul_(scale) if need_db else None
+        da = torch.zeros(a.shape, dtype=acc, device=dy.device) if need_da else None
+        for r0 in range(0, M, br):
+            r1 = min(M, r0 + br)
+            if lowp:
+                dyb = dy[r0:r1].to(acc)
+                dxab = torch.mm(dyb, b).mul_(scale * inv_keep)
+                if need_db:
+                    db.addmm_(dyb.t(), xa[r0:r1], alpha=scale)
+            else:
+                dxab = dxa[r0:r1]
+            if not (need_da or need_dx):
+                continue
+            keep = drop.keep(r0, r1) if drop is not None else None
+            if need_da:
+                xb = x[r0:r1]
+                if keep is not None:
+                    xs = xb.to(acc).mul_(keep) if lowp else torch.mul(xb, keep)
+                else:
+                    xs = xb.to(acc)
+                da.addmm_(dxab.t(), xs)
+            if need_dx:
+                g = torch.mm(dxab, a)
+                if keep is not None:
+                    g.mul_(keep)
+                dx[r0:r1].add_(g)  # fp32 sum, rounded to dx's dtype
+    if da is not None and da.dtype != lora_a.dtype:
+        da = da.to(lora_a.dtype)
+    if db is not None and db.dtype != lora_b.dtype:
+        db = db.to(lora_b.dtype)
+    return dx, da, db, dw
