@@ -14,6 +14,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import LoRAInputError
+from .ops import lora_linear as _lora_linear_op
 from .ops.lora_linear import check_lora_linear
 from .ops.merge import check_merge
 from .ops.multi_lora import check_add_lora
@@ -44,37 +45,47 @@ def _check_seed(seed) -> int:
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x·W0ᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`` with a fused backward.
 
-    Saves only x (when dA or dW0 is needed; it is the caller's tensor anyway) and the r-wide fp32
-    ``xa``; the dropout mask is regenerated from the seed, never stored. With a frozen A (LoRA-FA) and
-    frozen W0, x is not saved at all.
+    Saves x (when dA or dW0 is needed; the caller's tensor itself, not a reshaped copy) and the r-wide fp32 ``xa``.
+    The dropout mask is not stored by the kernel backends (they regenerate it from the seed on chip); on the torch
+    backend, where hashing it costs real time, it is hashed once in the forward and saved as M×K bytes of uint8
+    (less than PEFT keeps: a bool mask plus the dropped x). With a frozen A (LoRA-FA) and frozen W0, x is not saved.
     """
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend):
-        K = x.shape[-1]
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, K)
-        seed_int, seed_t = (0, seed) if isinstance(seed, torch.Tensor) else (seed, None)
-        y2, xa = _ops.lora_linear_fwd(x2, weight, lora_a, lora_b, scale, bias, dropout_p, seed_int, backend, seed_t)
-        need_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        ctx.save_for_backward(x2 if need_x else None, xa, weight, lora_a, lora_b, seed_t)
-        ctx.cfg = (scale, dropout_p, seed_int, backend, lead, K)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        seed_t = None
+        if isinstance(seed, torch.Tensor):  # drawn inside a torch.compile graph: the op reads it at run time
+            seed, seed_t = 0, seed
+        need = ctx.needs_input_grad
+        keep = None
+        if dropout_p > 0.0 and backend == "torch" and (need[0] or need[2]) and x2.shape[0] > 0:
+            keep = _lora_linear_op.call_dropout_keep(x2, dropout_p, seed, seed_t)
+        y2, xa = _lora_linear_op.call_fwd(x2, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend, seed_t,
+                                          keep)
+        ctx.save_for_backward(x if (need[1] or need[2]) else None, xa, weight, lora_a, lora_b, seed_t, keep)
+        ctx.cfg = (scale, dropout_p, seed, backend)
+        if x.dim() == 2:
+            return y2
         # Not a view of y2 in autograd's eyes (as nn.Linear's output is not): in-place ops on the result
         # (y += 1, ReLU(inplace=True)) then work, and FSDP2 sees no view output.
-        return torch.ops.aten._unsafe_view(y2, (*lead, weight.shape[0]))
+        return _unsafe_view(y2, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, lora_a, lora_b, seed_t = ctx.saved_tensors
-        scale, dropout_p, seed, backend, lead, K = ctx.cfg
+        x, xa, weight, lora_a, lora_b, seed_t, keep = ctx.saved_tensors
+        scale, dropout_p, seed, backend = ctx.cfg
         need = ctx.needs_input_grad
         mask = [need[0], need[2], need[3], need[1]]
-        dy2 = dy.reshape(-1, weight.shape[0])
+        N, K = weight.shape
+        flat = dy.dim() == 2
+        dy2 = dy if flat else dy.reshape(-1, N)
         dx = da = db = dw = dbias = None
-        if any(mask):
-            dx, da, db, dw = _ops.lora_linear_bwd(dy2, x2, xa, weight, lora_a, lora_b, scale, dropout_p, seed, mask, backend,
-                                                  seed_t)
-            dx = dx.reshape(*lead, K) if need[0] else None
+        if need[0] or need[1] or need[2] or need[3]:
+            x2 = x if (x is None or x.dim() == 2) else x.reshape(-1, K)
+            dx, da, db, dw = _lora_linear_op.call_bwd(dy2, x2, xa, weight, lora_a, lora_b, scale, dropout_p, seed,
+                                                      mask, backend, seed_t, keep)
+            dx = (dx if flat else dx.reshape(dy.shape[:-1] + (K,))) if need[0] else None
             da = da if need[2] else None
             db = db if need[3] else None
             dw = dw if need[1] else None
@@ -83,9 +94,22 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dw, da, db, None, dbias, None, None, None
 
 
+_unsafe_view = torch.ops.aten._unsafe_view.default
+
+
+def _autocast_device(x) -> Optional[str]:
+    """The device type whose autocast applies to x ("cpu" / "cuda") when it is enabled, else None."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    dev = "cpu" if x.is_cpu else ("cuda" if x.is_cuda else None)
+    return dev if (dev is not None and torch.is_autocast_enabled(dev)) else None
+
+
 def _autocast_inputs(tensors):
-    dev = next(t.device.type for t in tensors if t is not None)
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+    """Cast the floating tensors to the autocast dtype of the first tensor's device when autocast is on there:
+    (tensors, device type) or (tensors unchanged, None)."""
+    dev = _autocast_device(tensors[0])
+    if dev is not None:
         dt = torch.get_autocast_dtype(dev)
         return [t.to(dt) if (t is not None and t.is_floating_point()) else t for t in tensors], dev
     return list(tensors), None
@@ -119,7 +143,9 @@ def lora_linear(
     Returns y, [..., N]. Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
     Gradients flow to x, lora_a, lora_b, bias, and to weight only if it requires grad.
     """
-    (x, weight, lora_a, lora_b, bias), ac = _autocast_inputs((x, weight, lora_a, lora_b, bias))
+    ac = _autocast_device(x)
+    if ac is not None:
+        (x, weight, lora_a, lora_b, bias), _ = _autocast_inputs((x, weight, lora_a, lora_b, bias))
     scale = check_lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p)
     if lora_a.dtype != x.dtype:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)

@@ -85,15 +85,20 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Parameters straight from _parameters (nn.Module.__getattr__ costs about a µs each on a small CPU); a name
+        # that is not a registered parameter (bias=None is a plain attribute) falls back to getattr.
+        p = self._parameters
+        w = p["weight"] if "weight" in p else self.weight
+        bias = p["bias"] if "bias" in p else self.bias
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, w, bias)
         return lora_linear(
             x,
-            self.weight,
-            self.lora_A,
-            self.lora_B,
+            w,
+            p["lora_A"] if "lora_A" in p else self.lora_A,
+            p["lora_B"] if "lora_B" in p else self.lora_B,
             self.scale,
-            self.bias,
+            bias,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
         )

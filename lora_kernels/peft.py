@@ -80,20 +80,24 @@ def _peft_lora():
 
 
 def _adapter_reason(mod, name: str) -> Optional[str]:
-    """Why adapter ``name`` of a PEFT lora.Linear cannot take the fused path (None: it can)."""
-    if getattr(mod, "use_dora", {}).get(name, False):
+    """Why adapter ``name`` of a PEFT lora.Linear cannot take the fused path (None: it can). Runs on every call of a
+    patched layer, so submodules are read from ``_modules`` directly (not through ``nn.Module.__getattr__``)."""
+    d = mod.__dict__
+    if d.get("use_dora", {}).get(name, False):
         return "use_dora=True (DoRA) is not fused"
-    variant = getattr(mod, "lora_variant", {}).get(name)
+    variant = d.get("lora_variant", {}).get(name)
     if variant is not None:
         return f"LoRA variant {type(variant).__name__} is not fused"
-    if getattr(mod, "lora_bias", {}).get(name, False) or mod.lora_B[name].bias is not None:
+    mods = mod._modules
+    lora_a, lora_b = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
+    if d.get("lora_bias", {}).get(name, False) or lora_b.bias is not None:
         return "lora_bias=True is not fused"
-    if mod.lora_A[name].bias is not None:
+    if lora_a.bias is not None:
         return "lora_A with a bias is not fused"
-    drop = mod.lora_dropout[name] if name in mod.lora_dropout else nn.Identity()
-    if type(drop) not in (nn.Dropout, nn.Identity):
+    drop = mods["lora_dropout"]._modules.get(name)
+    if drop is not None and type(drop) is not nn.Dropout and type(drop) is not nn.Identity:
         return f"lora_dropout of type {type(drop).__name__} (only nn.Dropout / nn.Identity) is not fused"
-    if type(mod.lora_A[name]) is not nn.Linear or type(mod.lora_B[name]) is not nn.Linear:
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
         return "lora_A/lora_B that are not plain nn.Linear are not fused"
     return None
 
@@ -120,11 +124,19 @@ def _module_reason(mod) -> Optional[str]:
 
 def _call_reason(self, x, args, kwargs) -> Optional[str]:
     """Why this particular call must use PEFT's forward (None: fused)."""
-    if args or any(v is not None for v in kwargs.values()):
+    r = _fused_call(self, x, args, kwargs)
+    return r if isinstance(r, str) else None
+
+
+def _fused_call(self, x, args, kwargs):
+    """``(name,)`` when this call can take the fused path (name: the one active adapter), else the reason why not, a
+    string ('' when no message is needed). Reads PEFT's live state; cheap (dict lookups) on the fused path."""
+    if args or (kwargs and any(v is not None for v in kwargs.values())):
         return "extra forward arguments (e.g. adapter_names for mixed-adapter batches) are not fused"
     if self.disable_adapters or self.merged:
         return ""  # PEFT's own base-only path is already a single GEMM: no message needed
-    active = [a for a in self.active_adapters if a in self.lora_A]
+    lora_a = self._modules["lora_A"]._modules
+    active = [a for a in self.active_adapters if a in lora_a]
     if not active:
         return ""
     if len(active) > 1:
@@ -133,17 +145,26 @@ def _call_reason(self, x, args, kwargs) -> Optional[str]:
     reason = _adapter_reason(self, name)
     if reason is not None:
         return reason
-    base = self.base_layer
+    base = self._modules["base_layer"]
     if base._forward_hooks or base._forward_pre_hooks:
         return "forward hooks on the base layer are not fused"
-    w = base.weight
-    if x.device != w.device or self.lora_A[name].weight.device != w.device:
+    w = _param(base, "weight")
+    if x.device != w.device or _param(lora_a[name], "weight").device != w.device:
         return "inputs and weights on different devices are not fused"
     if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
         return "input dtype different from the base weight dtype is not fused"
     if not x.is_floating_point():
         return "non-floating-point input is not fused"
-    return None
+    return (name,)
+
+
+_MISSING = object()
+
+
+def _param(mod: nn.Module, name: str):
+    """``mod.<name>`` for a registered parameter (a dict lookup), through ``getattr`` for anything else."""
+    p = mod._parameters.get(name, _MISSING)
+    return getattr(mod, name) if p is _MISSING else p
 
 
 def _orig_forward(self):
@@ -155,22 +176,23 @@ def _orig_forward(self):
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Replacement forward bound to a PEFT lora.Linear by :func:`patch`."""
-    reason = _call_reason(self, x, args, kwargs)
-    if reason is not None:
-        if reason:
-            _log_once(reason)
+    r = _fused_call(self, x, args, kwargs)
+    if isinstance(r, str):
+        if r:
+            _log_once(r)
         return _orig_forward(self)(x, *args, **kwargs)
-    name = next(a for a in self.active_adapters if a in self.lora_A)
-    base = self.base_layer
-    drop = self.lora_dropout[name] if name in self.lora_dropout else None
-    p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    name = r[0]
+    mods = self._modules
+    base = mods["base_layer"]
+    drop = mods["lora_dropout"]._modules.get(name)
+    p = float(drop.p) if (drop is not None and drop.training and type(drop) is nn.Dropout) else 0.0
     return lora_linear(
         x,
-        base.weight,
-        self.lora_A[name].weight,
-        self.lora_B[name].weight,
+        _param(base, "weight"),
+        _param(mods["lora_A"]._modules[name], "weight"),
+        _param(mods["lora_B"]._modules[name], "weight"),
         float(self.scaling[name]),
-        base.bias,
+        _param(base, "bias"),
         dropout_p=p,
         backend=self.__dict__.get(_BACKEND_ATTR),
     )

@@ -31,8 +31,11 @@ Numerics, by dtype:
 Dropout mask: the reference's counter hash (``reference.dropout_keep_mask``), evaluated here in int32 arithmetic
 (multiplication wraps modulo 2^32 like uint32; logical right shifts are arithmetic shifts masked to the low bits;
 the unsigned threshold test is a signed comparison after flipping the sign bit), bit for bit the same mask as the
-reference, Triton and CUDA. It is generated block by block (each block's int32 temporaries stay in cache on the
-CPU), once in the forward and once in the backward, where dA and dx share it; it is never stored.
+reference, Triton and CUDA, in row blocks whose int32 temporaries stay in cache on the CPU, as uint8 0/1. In
+training (a gradient needs it) the autograd function has it hashed once per step (:func:`lora_dropout_keep_torch`,
+op ``lora_dropout_keep``) and saves it for the backward: M×K bytes, i.e. less than what PEFT's ``nn.Dropout`` +
+``lora_A`` save (a bool mask plus the dropped x). Without a saved mask (inference, or a direct call of the
+backward) each launcher hashes it itself, block by block; the backward then hashes it once for dA and dx.
 
 On the CPU, when oneDNN has no kernel for the 16-bit dtype (no AVX512-BF16 / AMX / AVX512-FP16), torch's fallback
 GEMM is several times faster for ``dy·W0`` with dy in column-major order: the backward then copies dy (M×N, an
@@ -49,7 +52,8 @@ import torch
 
 from .. import reference as ref
 
-__all__ = ["lora_linear_fwd_torch", "lora_linear_bwd_torch", "keep_mask_rows", "dropout_keep_mask_fast"]
+__all__ = ["lora_linear_fwd_torch", "lora_linear_bwd_torch", "lora_dropout_keep_torch", "keep_mask_rows",
+           "dropout_keep_mask_fast"]
 
 # Elements per row block of the blocked loops on the CPU (fp32/int32 temporaries of 256 KiB stay in L2).
 _BLOCK_ELEMS = 1 << 16
@@ -96,8 +100,9 @@ def _mix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
 
 class _KeepMask:
     """Generator of the keep-mask rows of one call: ``keep(r0, r1)`` = rows row0+r0 .. row0+r1-1 of
-    ``reference.dropout_keep_mask(seed, ·, cols, p)`` as a bool tensor (by default a view of a reused buffer:
-    consume it before the next call), for 0 <= r0 <= r1 <= rows."""
+    ``reference.dropout_keep_mask(seed, ·, cols, p)`` as uint8 0/1 (a comparison into uint8 is about twice as fast
+    as into bool here, and multiplying a float block by it is exact), for 0 <= r0 <= r1 <= rows. By default the
+    result is a view of a reused buffer: consume it before the next call."""
 
     def __init__(self, seed: int, p: float, rows: int, cols: int, device: torch.device, max_rows: int, row0: int = 0):
         self.cols = cols
@@ -114,13 +119,13 @@ class _KeepMask:
         n = max(1, min(rows, max_rows))
         self._h = torch.empty((n, cols), dtype=torch.int32, device=device)
         self._t = torch.empty((n, cols), dtype=torch.int32, device=device)
-        self._keep = torch.empty((n, cols), dtype=torch.bool, device=device)
+        self._keep = torch.empty((n, cols), dtype=torch.uint8, device=device)
 
     def keep(self, r0: int, r1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = r1 - r0
         keep = self._keep[:n] if out is None else out
         if self.none_kept:
-            return keep.fill_(False)
+            return keep.fill_(0)
         h, t = self._h[:n], self._t[:n]
         torch.add(self.row_h[r0:r1], self.k, out=h)  # k + mix32(m + mix32(seed)), wrapping like uint32
         _mix32_(h, t)
@@ -129,13 +134,14 @@ class _KeepMask:
 
 
 def keep_mask_rows(seed: int, row0: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Rows row0 .. row0+rows-1 of ``reference.dropout_keep_mask(seed, ·, cols, p)``, bool [rows, cols]."""
+    """Rows row0 .. row0+rows-1 of ``reference.dropout_keep_mask(seed, ·, cols, p)`` as uint8 0/1 [rows, cols]
+    (``.view(torch.bool)`` gives the reference's bool mask without a copy)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    out = torch.empty((rows, cols), dtype=torch.bool, device=device)
+    out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
     if rows == 0 or cols == 0:
         return out
     if p == 0.0:
-        return out.fill_(True)
+        return out.fill_(1)
     br = _block_rows(rows, cols, device, _HASH_BLOCK_ELEMS)
     gen = _KeepMask(seed, p, rows, cols, device, br, row0=row0)
     for r0 in range(0, rows, br):
@@ -145,8 +151,14 @@ def keep_mask_rows(seed: int, row0: int, rows: int, cols: int, p: float, device=
 
 
 def dropout_keep_mask_fast(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """``reference.dropout_keep_mask`` bit for bit, in blocked int32 arithmetic (several times faster)."""
-    return keep_mask_rows(seed, 0, rows, cols, p, device)
+    """``reference.dropout_keep_mask`` bit for bit (bool), in blocked int32 arithmetic (several times faster)."""
+    return keep_mask_rows(seed, 0, rows, cols, p, device).view(torch.bool)
+
+
+def lora_dropout_keep_torch(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """The keep-mask of ``drop(x)`` for 2-D x [M, K] as uint8 0/1 [M, K] (what the forward saves for the backward
+    when dropout is on, so that the mask is hashed once per training step)."""
+    return keep_mask_rows(int(seed), 0, x.shape[0], x.shape[1], float(dropout_p), x.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +190,17 @@ def _mm_dy_w(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+_linear = torch.nn.functional.linear
+_zeros = {}
+
+
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 0-d zero: the ignored ``input`` of ``addmm(·, beta=0, alpha=s)``, which scales a product in the GEMM."""
+    z = _zeros.get((dtype, device))
+    if z is None:
+        z = _zeros[(dtype, device)] = torch.zeros((), dtype=dtype, device=device)
+    return z
+
 
 def lora_linear_fwd_torch(
     x: torch.Tensor,
@@ -188,29 +211,32 @@ def lora_linear_fwd_torch(
     bias: Optional[torch.Tensor],
     dropout_p: float,
     seed: int,
+    keep: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """lora_linear_fwd on 2-D x [M, K]: returns (y [M, N] in x.dtype, xa [M, r] in fp32, fp64 for fp64 x)."""
+    """lora_linear_fwd on 2-D x [M, K]: returns (y [M, N] in x.dtype, xa [M, r] in fp32, fp64 for fp64 x).
+    ``keep``: the dropout keep-mask (uint8 0/1 [M, K], :func:`lora_dropout_keep_torch`) when the caller already
+    has it; otherwise it is hashed block by block here."""
     M, K = x.shape
     acc = _acc(x.dtype)
     a = lora_a if lora_a.dtype == acc else lora_a.to(acc)
     b = lora_b if lora_b.dtype == acc else lora_b.to(acc)
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y = _linear(x, weight, bias)  # x·W0ᵀ + bias in x's dtype (addmm, as nn.Linear)
     p = float(dropout_p)
     lowp = x.dtype != acc
     if not lowp and p == 0.0:
-        xa = torch.mm(x, a.t())
+        xa = _linear(x, a)
         y.addmm_(xa, b.t(), alpha=scale)
         return y, xa
 
     xa = torch.empty((M, a.shape[0]), dtype=acc, device=x.device)
     br = _block_rows(M, K, x.device)
-    drop = _KeepMask(seed, p, M, K, x.device, br) if (p > 0.0 and M > 0) else None
+    drop = _KeepMask(seed, p, M, K, x.device, br) if (p > 0.0 and M > 0 and keep is None) else None
     for r0 in range(0, M, br):
         r1 = min(M, r0 + br)
         xb = x[r0:r1]
-        if drop is not None:
-            keep = drop.keep(r0, r1)
-            xs = xb.to(acc).mul_(keep) if lowp else torch.mul(xb, keep)
+        kb = None if p == 0.0 else (keep[r0:r1] if keep is not None else drop.keep(r0, r1))
+        if kb is not None:
+            xs = xb.to(acc).mul_(kb) if lowp else torch.mul(xb, kb)
         else:
             xs = xb.to(acc)
         torch.mm(xs, a.t(), out=xa[r0:r1])
@@ -236,10 +262,12 @@ def lora_linear_bwd_torch(
     dropout_p: float,
     seed: int,
     output_mask: Sequence[bool] = (True, True, True, False),
+    keep: Optional[torch.Tensor] = None,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """lora_linear_bwd on 2-D tensors: (dx, dA, dB, dW0), None for a gradient not in ``output_mask``.
-    x may be None when neither dA nor dW0 is requested."""
-    need_dx, need_da, need_db, need_dw = (bool(v) for v in output_mask)
+    x may be None when neither dA nor dW0 is requested. ``keep``: the forward's dropout keep-mask (uint8 0/1 [M, K])
+    if it was saved; otherwise it is hashed again, block by block (once for dA and dx together)."""
+    need_dx, need_da, need_db, need_dw = output_mask
     if (need_da or need_dw) and x is None:
         raise ValueError("lora_linear backward: dA or dW0 was requested but x was not saved")
     M, N = dy.shape
@@ -260,17 +288,20 @@ def lora_linear_bwd_torch(
     inv_keep = 1.0 / (1.0 - p)
 
     if not lowp and p == 0.0:
-        # fp32 / fp64: whole-tensor GEMMs, the r-wide term accumulated into dx inside the GEMM
-        dxa = torch.mm(dy, b).mul_(scale)
+        # fp32 / fp64: whole-tensor GEMMs (scales folded into them), the r-wide term accumulated into dx in the GEMM
+        zero = _zero(acc, dy.device)
+        dxa = torch.addmm(zero, dy, b, beta=0, alpha=scale)
         if need_db:
-            db = torch.mm(dy.t(), xa).mul_(scale)
+            db = torch.addmm(zero, dy.t(), xa, beta=0, alpha=scale)
         if need_da:
             da = torch.mm(dxa.t(), x)
         if need_dx:
             dx.addmm_(dxa, a)
     else:
         br = _block_rows(M, max(K, N), dy.device)
-        drop = _KeepMask(seed, p, M, K, dy.device, br) if (p > 0.0 and M > 0 and (need_da or need_dx)) else None
+        drop = None
+        if p > 0.0 and M > 0 and (need_da or need_dx) and keep is None:
+            drop = _KeepMask(seed, p, M, K, dy.device, br)
         if lowp:
             db = torch.zeros(b.shape, dtype=acc, device=dy.device) if need_db else None
             dxa = None
@@ -289,18 +320,18 @@ def lora_linear_bwd_torch(
                 dxab = dxa[r0:r1]
             if not (need_da or need_dx):
                 continue
-            keep = drop.keep(r0, r1) if drop is not None else None
+            kb = None if p == 0.0 else (keep[r0:r1] if keep is not None else drop.keep(r0, r1))
             if need_da:
                 xb = x[r0:r1]
-                if keep is not None:
-                    xs = xb.to(acc).mul_(keep) if lowp else torch.mul(xb, keep)
+                if kb is not None:
+                    xs = xb.to(acc).mul_(kb) if lowp else torch.mul(xb, kb)
                 else:
                     xs = xb.to(acc)
                 da.addmm_(dxab.t(), xs)
             if need_dx:
                 g = torch.mm(dxab, a)
-                if keep is not None:
-                    g.mul_(keep)
+                if kb is not None:
+                    g.mul_(kb)
                 dx[r0:r1].add_(g)  # fp32 sum, rounded to dx's dtype
     if da is not None and da.dtype != lora_a.dtype:
         da = da.to(lora_a.dtype)
