@@ -57,6 +57,7 @@ through fill kernels, ``ops.merge.small_tensor``).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -74,6 +75,16 @@ __all__ = ["MergeRecord", "MergeOverflowError", "merge_exact_", "unmerge_exact_"
 
 class MergeOverflowError(LoRAInputError):
     """The merged weight would contain ±inf where W was finite (W has been left unchanged)."""
+
+
+def _flat(t) -> list:
+    return [t] if isinstance(t, torch.Tensor) else list(t)
+
+
+def _is_dtensor(*tensors) -> bool:
+    """Whether any argument is a DTensor (looked up in sys.modules: this never imports torch.distributed)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and any(isinstance(t, mod.DTensor) for t in tensors)
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
@@ -170,7 +181,13 @@ def merge_exact_(
     :class:`MergeOverflowError`) or "keep".
 
     Every check runs before W is written; a failed call leaves W unchanged. Synchronises once.
+    A DTensor weight (tensor parallel, FSDP2) is merged block by block, each rank its own, and gives a
+    ``lora_kernels.distributed.ShardedMergeRecord`` (collective: every rank of the weight's mesh calls it).
     """
+    if _is_dtensor(weight, *_flat(lora_a), *_flat(lora_b)):
+        from .distributed.merge import merge_exact_sharded_
+
+        return merge_exact_sharded_(weight, lora_a, lora_b, scale, backend=backend, snapshot=snapshot, on_overflow=on_overflow)
     op = "merge_exact_"
     lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
     if on_overflow not in ("raise", "keep"):
@@ -254,7 +271,12 @@ def unmerge_exact_(weight: torch.Tensor, record: MergeRecord, *, backend: Option
 
     ``record`` must come from ``merge_exact_`` on this very weight, which must not have been modified since;
     ``backend`` (optional) must name the record's backend. All checks run before anything is written.
+    A DTensor weight takes the ``ShardedMergeRecord`` its sharded merge returned (each rank restores its block).
     """
+    if _is_dtensor(weight):
+        from .distributed.merge import unmerge_exact_sharded_
+
+        return unmerge_exact_sharded_(weight, record, backend=backend)
     _check_record("unmerge_exact_", weight, record, backend)
     with torch.no_grad():
         _unmerge_apply(weight, record)
