@@ -317,3 +317,102 @@ def lora_expand_(
     be = resolve_backend("lora_expand", y, xa, lora_b, backend=backend)
     _ops.lora_expand_(y, xa, lora_b, adapter_ids, scales, ranks, col_offset, be)
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on a quantised frozen base (QLoRA: bitsandbytes NF4 / FP4 / int8, float8): ops/quant_linear.py
+# ----------------------------------------------------------------------------------------------
+
+from .ops.quant_linear import check_quant_lora_linear, quant_operands  # noqa: E402  (kept beside its users)
+
+__all__ += ["quant_lora_linear", "QuantLoRALinearFunction"]
+
+
+class QuantLoRALinearFunction(torch.autograd.Function):
+    """``y = x·W̃ᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`` over a quantised frozen W0 (``qw``, a ``quant.QuantWeight``).
+
+    Saves x (only when dA is needed), the fp32 ``xa`` and the adapters; the quantised base is referenced as it
+    is (its own packed tensors), never dequantised into a saved tensor: backward decodes W0ᵀ again."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, qw, scale, dropout_p, seed, backend, strategy):
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        seed_int, seed_t = (0, seed) if isinstance(seed, torch.Tensor) else (seed, None)
+        y2, xa = _ops.quant_lora_linear_fwd(x2, *quant_operands(qw), lora_a, lora_b, scale, bias, dropout_p, seed_int,
+                                            strategy, backend, seed_t)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, xa, lora_a, lora_b, seed_t)
+        ctx.qw = qw
+        ctx.cfg = (scale, dropout_p, seed_int, backend, strategy, x.shape)
+        return torch.ops.aten._unsafe_view(y2, (*x.shape[:-1], qw.shape[0]))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, lora_a, lora_b, seed_t = ctx.saved_tensors
+        scale, dropout_p, seed, backend, strategy, xshape = ctx.cfg
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, ctx.qw.shape[0])
+        dx = da = db = dbias = None
+        mask = [need[0], need[1], need[2]]
+        if any(mask):
+            dx, da, db = _ops.quant_lora_linear_bwd(dy2, x2, xa, *quant_operands(ctx.qw), lora_a, lora_b, scale,
+                                                    dropout_p, seed, mask, strategy, backend, seed_t)
+            dx = dx.reshape(xshape) if need[0] else None
+            da = da if need[1] else None
+            db = db if need[2] else None
+        if need[3]:
+            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if dy2.dtype != torch.float64 else dy2.sum(0)
+        return dx, da, db, dbias, None, None, None, None, None, None
+
+
+def quant_lora_linear(
+    x: torch.Tensor,
+    qweight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+    strategy: Optional[str] = None,
+) -> torch.Tensor:
+    """LoRA linear layer over a quantised frozen base: ``y = x·W̃ᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: [..., K] input, any float dtype (fp16/bf16/fp32 on the kernel backends).
+        qweight: the base as a :class:`lora_kernels.quant.QuantWeight` [N, K], or a quantised module
+            (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, ``quant.Float8Linear``, an ``nn.Linear`` with a torchao
+            ``Float8Tensor`` weight), read with ``lora_kernels.quant.from_module``. ``W̃`` is its dequantised
+            weight in the format's dtype (``qweight.dtype``), used in x's dtype.
+        lora_a: A [r, K]; lora_b: B [N, r]; any float dtype (cast to x's dtype, differentiably).
+        scale, bias, dropout_p, seed, backend: as :func:`lora_linear` (bias is cast to x's dtype).
+        strategy: "fused" (dequantise inside the GEMM), "scratch" (dequantise to a per-call buffer, then the
+            16-bit GEMM), or None / "auto" (``$LORA_KERNELS_QUANT_STRATEGY``, else a rule on M; Triton backend only).
+
+    Returns y [..., N]. Gradients flow to x, lora_a, lora_b and bias; the quantised base is frozen.
+    """
+    from . import quant as _quant
+
+    qw = qweight if isinstance(qweight, _quant.QuantWeight) else _quant.from_module(qweight)
+    (x, lora_a, lora_b, bias), ac = _autocast_inputs((x, lora_a, lora_b, bias))
+    scale = check_quant_lora_linear(x, qw, lora_a, lora_b, scale, bias, dropout_p, strategy)
+    if lora_a.dtype != x.dtype:
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    dropout_p = float(dropout_p)
+    if seed is not None:
+        seed = _check_seed(seed)
+    elif dropout_p > 0.0:
+        seed = _draw_seed()
+    else:
+        seed = 0
+    # the packed weight joins only as a device witness (its dtype is not a compute dtype)
+    be = resolve_backend("quant_lora_linear", x, lora_a, lora_b, bias, torch.empty(0, dtype=torch.uint8, device=qw.device), backend=backend)
+    args = (x, lora_a, lora_b, bias, qw, scale, dropout_p, seed, be, strategy or "auto")
+    if ac is not None:
+        with torch.autocast(ac, enabled=False):
+            return QuantLoRALinearFunction.apply(*args)
+    return QuantLoRALinearFunction.apply(*args)

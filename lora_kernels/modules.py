@@ -17,6 +17,8 @@ from torch import nn
 from ._checks import LoRAInputError
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_linear, unmerge_
+from .quant import is_quantized_base
+from .quant_modules import LoRAQuantLinear
 from .reference import lora_scale
 
 
@@ -35,7 +37,15 @@ class LoRALinear(nn.Module):
         backend: forwarded to every op ("cuda" | "triton" | "torch" | None for auto).
         merge_on_eval: loralib behaviour: ``eval()`` merges BA into W, ``train()`` unmerges.
         lora_dtype: dtype of A and B (default: the base weight's dtype).
+
+    A quantised ``base`` (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, float8; ``lora_kernels.quant``) gives a
+    :class:`lora_kernels.quant_modules.LoRAQuantLinear` instead (same arguments; it cannot merge).
     """
+
+    def __new__(cls, base=None, *args, **kwargs):
+        if cls is LoRALinear and base is not None and is_quantized_base(base):
+            return LoRAQuantLinear(base, *args, **kwargs)  # not a LoRALinear, so __init__ does not run again
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -190,8 +200,12 @@ def inject_lora(
     use_rslora: bool = False,
     backend: Optional[str] = None,
     merge_on_eval: bool = False,
+    lora_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` whose qualified name matches with a :class:`LoRALinear`, in place.
+
+    Quantised bases (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, float8) get a ``LoRAQuantLinear``;
+    ``lora_dtype`` is the adapters' dtype (default: the base's, or its compute dtype when quantised).
 
     ``target_modules`` is a list of names or name suffixes (``["q_proj", "v_proj"]``, PEFT-style) or a
     regex string matched against the full qualified name. Raises if nothing matched. Returns model.
@@ -201,7 +215,7 @@ def inject_lora(
     hits = [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not isinstance(mod, LoRALinear) and _matches(name, target_modules)
+        if isinstance(mod, nn.Linear) and not isinstance(mod, (LoRALinear, LoRAQuantLinear)) and _matches(name, target_modules)
     ]
     if not hits:
         raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r}")
@@ -211,7 +225,7 @@ def inject_lora(
     for name, mod in hits:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval)
+        layer = LoRALinear(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
         own = f"{name}.weight"
         layer.tied_to = tuple(n for n in names_of.get(id(mod.weight), ()) if n != own)
         setattr(parent, child, layer)
@@ -234,7 +248,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
                 p.requires_grad_(True)
     elif bias == "lora_only":
         for m in model.modules():
-            if isinstance(m, LoRALinear) and m.bias is not None:
+            if isinstance(m, (LoRALinear, LoRAQuantLinear)) and m.bias is not None:
                 m.bias.requires_grad_(True)
     return model
 
@@ -249,11 +263,11 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
     if bias == "lora_only":
         out = {}
         for name, m in model.named_modules():
-            if isinstance(m, LoRALinear):
+            if isinstance(m, (LoRALinear, LoRAQuantLinear)):
                 pre = f"{name}." if name else ""
                 out[pre + "lora_A"] = m.lora_A.detach()
                 out[pre + "lora_B"] = m.lora_B.detach()
-                if m.bias is not None:
-                    out[pre + "bias"] = m.bias.detach()
+                if m.bias is not None:  # a LoRAQuantLinear keeps its base (and the bias) as base_layer
+                    out[pre + ("base_layer.bias" if isinstance(m, LoRAQuantLinear) else "bias")] = m.bias.detach()
         return out
     raise ValueError(f"lora_state_dict: bias must be 'none', 'all' or 'lora_only', got {bias!r}")

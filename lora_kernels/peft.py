@@ -224,6 +224,13 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, verbose: bool = Tr
             report.already_patched.append(path)
             continue
         reason = _module_reason(mod)
+        forward = _fused_forward
+        if reason is not None:  # PEFT's bitsandbytes LoRA layers (QLoRA): lora_kernels/quant_modules.py
+            from .quant_modules import peft_quant_forward
+
+            quant_forward = peft_quant_forward(mod, _orig_forward, _adapter_reason, _log_once)
+            if quant_forward is not None:
+                reason, forward = None, quant_forward
         if reason is None:
             names = list(mod.lora_A.keys())
             reasons = {n: _adapter_reason(mod, n) for n in names}
@@ -238,7 +245,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, verbose: bool = Tr
             continue
         mod.__dict__[_ORIG_ATTR] = mod.__dict__.get("forward", _NONE)
         mod.__dict__[_BACKEND_ATTR] = backend
-        mod.forward = types.MethodType(_fused_forward, mod)
+        mod.forward = types.MethodType(forward, mod)
         report.patched.append(path)
     for reason, paths in report.skipped.items():
         _log_once(f"{reason} ({len(paths)} layer(s), e.g. {paths[0]})")

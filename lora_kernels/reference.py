@@ -385,3 +385,60 @@ def lora_expand_ref(
     cols = y[:, col_offset : col_offset + N]
     cols.copy_(torch.where(active[:, None], cols.to(acc) + upd, cols.to(acc)).to(y.dtype))
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA linear on a quantised frozen base (QLoRA): W̃ dequantised by the format's own library
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["quant_dequantize_ref", "quant_lora_linear_fwd_ref", "quant_lora_linear_bwd_ref"]
+
+
+def quant_dequantize_ref(qw, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """W̃ [N, K] in ``dtype`` (default ``qw.dtype``; fp16 / bf16 / fp32) of a :class:`lora_kernels.quant.QuantWeight`,
+    rounded once from the fp32 decode, by the format's own library
+    (imported here, lazily): ``bitsandbytes.functional.dequantize_4bit`` (NF4 / FP4, nested absmax included, via a
+    ``QuantState`` rebuilt from ``qw``), ``bitsandbytes.functional.int8_vectorwise_dequant`` (int8: CB, SCB), and
+    torch's float8 conversion for fp8 (``float(q) · scale``, torchao's ``Float8Tensor.dequantize`` convention).
+    Our own decoders (``quant.dequantize`` and the Triton kernels) are tested bit for bit against this."""
+    N, K = qw.shape
+    dtype = dtype or qw.dtype
+    if dtype == torch.float64:  # exact: every fp32 value is a float64 value
+        return quant_dequantize_ref(qw, torch.float32).to(torch.float64)
+    if qw.fmt in ("nf4", "fp4"):
+        import bitsandbytes.functional as bnbf
+
+        state2 = None
+        offset = None
+        if qw.absmax2 is not None:
+            state2 = bnbf.QuantState(absmax=qw.absmax2, code=qw.code2, blocksize=256, dtype=torch.float32)
+            offset = torch.tensor(qw.offset, dtype=torch.float32, device=qw.absmax.device)
+        code = bnbf.get_4bit_type(qw.fmt, device=qw.qdata.device)
+        qs = bnbf.QuantState(absmax=qw.absmax, shape=torch.Size([N, K]), code=code, blocksize=qw.blocksize,
+                             quant_type=qw.fmt, dtype=dtype, offset=offset, state2=state2)
+        return bnbf.dequantize_4bit(qw.qdata.reshape(-1, 1), qs).reshape(N, K)
+    if qw.fmt == "int8":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.int8_vectorwise_dequant(qw.qdata, qw.absmax.reshape(-1)).to(dtype)
+    scale = qw.absmax.reshape(-1)
+    scale = scale if scale.numel() == 1 else scale.reshape(N, 1)
+    return (qw.qdata.to(torch.float32) * scale).to(dtype)
+
+
+def quant_lora_linear_fwd_ref(x, qw, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=0):
+    """Forward of the LoRA linear layer on a quantised base: :func:`lora_linear_fwd_ref` with
+    ``weight = quant_dequantize_ref(qw, x.dtype)`` (W̃ rounded once to x's dtype; x [M, K], qw [N, K], lora_a [r, K], lora_b [N, r]).
+    Returns ``(y, xa)``. Adapters of another dtype than x are used as they are (accumulated in fp32 / fp64)."""
+    w = quant_dequantize_ref(qw, x.dtype)
+    return lora_linear_fwd_ref(x, w, lora_a, lora_b, scale, bias, dropout_p, seed)
+
+
+def quant_lora_linear_bwd_ref(dy, x, xa, qw, lora_a, lora_b, scale, dropout_p=0.0, seed=0,
+                              output_mask=(True, True, True)):
+    """Backward of :func:`quant_lora_linear_fwd_ref`: ``(dx, dA, dB)`` per ``output_mask`` (the frozen quantised
+    base gets no gradient); ``dx = dy·W̃ + drop'(dxa·A)`` with ``W̃ = quant_dequantize_ref(qw, dy.dtype)``."""
+    w = quant_dequantize_ref(qw, dy.dtype)
+    dx, da, db, _ = lora_linear_bwd_ref(dy, x, xa, w, lora_a, lora_b, scale, dropout_p, seed,
+                                        (*output_mask, False))
+    return dx, da, db
