@@ -215,6 +215,9 @@ class _LoRAKernelsPunica:
         self._lk_first_calls: set = set()
         self._lk_active = False  # whether any slot holds an adapter (from update_metadata's slot list)
         self.lk_calls: Dict[str, int] = {}  # method -> calls (for tests and debugging)
+        # steps in which every slot held an adapter that a request of the step used, and one request had none
+        # (the batches where vLLM's own CPU ops apply the last slot to requests without an adapter)
+        self.lk_full_steps_with_base_rows = 0
         base = next(c for c in type(self).__mro__[1:] if c is not _LoRAKernelsPunica)
         _announce(base)
 
@@ -223,6 +226,9 @@ class _LoRAKernelsPunica:
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._lk_active = any(i is not None for i in lora_index_to_id)
+        used = set(mapping.prompt_mapping)
+        if 0 in used and len(used - {0}) == len(lora_index_to_id):
+            self.lk_full_steps_with_base_rows += 1
         n_tok, n_smp = int(self.indices_len[0]), int(self.indices_len[1])
         for buf, src, n in ((self._lk_token_ids, self._token_lora_indices, n_tok),
                             (self._lk_sampler_ids, self._sampler_indices, n_smp)):
@@ -281,10 +287,12 @@ class _LoRAKernelsPunica:
         return t
 
     def _count(self, method: str, op: Optional[str] = None, tensors=(), rows: int = 0, ranks=None, extra="") -> None:
-        """Count the call; on a method's first call with an adapter loaded, log which op and backend it ran on."""
+        """Count the call; on a method's first call with an adapter loaded (per LORA_KERNELS_BACKEND value), log
+        which op and backend it ran on."""
         self.lk_calls[method] = self.lk_calls.get(method, 0) + 1
-        if op is not None and self._lk_active and method not in self._lk_first_calls:
-            self._lk_first_calls.add(method)
+        key = (method, os.environ.get(_backend.ENV_BACKEND))
+        if op is not None and self._lk_active and key not in self._lk_first_calls:
+            self._lk_first_calls.add(key)
             log.info("lora_kernels: first %s call: %s on backend %s, %d rows, ranks %s%s", method, op,
                      _backend.resolve_backend(op, *tensors), rows, "padded" if ranks is None else ranks.tolist(),
                      extra)

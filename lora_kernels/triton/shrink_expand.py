@@ -30,7 +30,7 @@ _SHRINK_CONFIGS = autotune_configs(
         (dict(BLOCK_R=32, BLOCK_K=128), 4, 3),
         (dict(BLOCK_R=64, BLOCK_K=64), 4, 3),
     ],
-    (dict(BLOCK_R=16, BLOCK_K=32), 1, 1),
+    (dict(BLOCK_R=16, BLOCK_K=128), 1, 1),  # interpreter: few, wide programs (numpy does the work per program)
 )
 _EXPAND_CONFIGS = autotune_configs(
     [
@@ -39,7 +39,7 @@ _EXPAND_CONFIGS = autotune_configs(
         (dict(BLOCK_N=256, BLOCK_R=32), 8, 2),
         (dict(BLOCK_N=512, BLOCK_R=16), 8, 2),
     ],
-    (dict(BLOCK_N=32, BLOCK_R=16), 1, 1),
+    (dict(BLOCK_N=128, BLOCK_R=16), 1, 1),
 )
 
 
