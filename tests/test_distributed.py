@@ -490,7 +490,6 @@ def dtensor_rules(rank, world):
     torch.manual_seed(1)
     x, W, A, B, bias = (torch.randn(5, 16, dtype=dt), torch.randn(24, 16, dtype=dt), torch.randn(4, 16, dtype=dt),
                         torch.randn(24, 4, dtype=dt), torch.randn(24, dtype=dt))
-    y_ref = lk.lora_linear(x, W, A, B, 0.5, bias)
     layouts = {
         "replicated": ([Replicate()], [Replicate()], [Replicate()], [Replicate()], [Replicate()]),
         "token_sharded": ([Shard(0)], [Replicate()], [Replicate()], [Replicate()], [Replicate()]),
@@ -499,19 +498,20 @@ def dtensor_rules(rank, world):
         "rowwise": ([Shard(1)], [Shard(1)], [Shard(1)], [Shard(0)], [Replicate()]),
         "rowwise_b_repl": ([Shard(1)], [Shard(1)], [Shard(1)], [Replicate()], [Replicate()]),
     }
-    for name, pls in layouts.items():
+    for (name, pls), p in [(item, p) for item in layouts.items() for p in (0.0, 0.25)]:
         dts = [distribute_tensor(t, mesh, pl) for t, pl in zip((x, W, A, B, bias), pls)]
         dx_, dW_, dA_, dB_, db_ = dts
         for t in (dx_, dA_, dB_, db_):
             t.requires_grad_(True)
-        y = lk.lora_linear(dx_, dW_, dA_, dB_, 0.5, db_)
-        _close(y, y_ref, dt, f"lora_linear {name}")
+        y = lk.lora_linear(dx_, dW_, dA_, dB_, 0.5, db_, dropout_p=p, seed=123)
         y.full_tensor().pow(2).sum().backward()
         xr, Ar, Br, br = (t.clone().requires_grad_(True) for t in (x, A, B, bias))
-        lk.lora_linear(xr, W, Ar, Br, 0.5, br).pow(2).sum().backward()
+        y_ref = lk.lora_linear(xr, W, Ar, Br, 0.5, br, dropout_p=p, seed=123)
+        y_ref.pow(2).sum().backward()
+        _close(y, y_ref.detach(), dt, f"lora_linear {name} p={p}")
         for got, want, n in ((dx_.grad, xr.grad, "dx"), (dA_.grad, Ar.grad, "dA"), (dB_.grad, Br.grad, "dB"),
                              (db_.grad, br.grad, "dbias")):
-            _close(got, want, dt, f"{n} {name}")
+            _close(got, want, dt, f"{n} {name} p={p}")
 
     # 3. mixed arguments and unsupported layouts
     Wd = distribute_tensor(W, mesh, [Shard(0)])
@@ -558,6 +558,10 @@ def dtensor_rules(rank, world):
     lk.add_lora(y_part, distribute_tensor(xs, mesh, [Shard(1)]), distribute_tensor(la, mesh, [Shard(2)]),
                 distribute_tensor(lb, mesh, [Replicate()]), ids, sc)
     _close(y_part, want, dt, "add_lora rowwise")
+    yd = distribute_tensor(y0.clone(), mesh, [Shard(0)])
+    lk.add_lora(yd, distribute_tensor(xs, mesh, [Shard(0)]), distribute_tensor(la, mesh, [Replicate()]),
+                distribute_tensor(lb, mesh, [Replicate()]), ids, sc)
+    _close(yd, want, dt, "add_lora token-sharded")
 
     # 6. an op without a rule refuses DTensors with a message
     with pytest.raises(LoRAInputError, match="ShardedAdapterSlots"):
@@ -633,6 +637,21 @@ def tp_merge_exact(rank, world):
                 m.unmerge()
                 assert torch.equal(m.weight.to_local().view(torch.int8), w0.view(torch.int8)), f"unmerge not bitwise {name} {dt}"
             out[f"{name} {str(dt)[6:]}"] = {"repairs_on_rank0_shard": repairs, "elements_differing_from_1proc_merge": diff}
+
+    # overflow on one shard only (fp16, the last rank's rows near the fp16 maximum): every rank raises and every
+    # shard is restored bit for bit, so the ranks never disagree on whether the layer is merged
+    import lora_kernels as lk
+
+    m = _lora_linear(16, 8, 2, torch.float16)
+    with torch.no_grad():
+        m.weight[-1].fill_(65000.0)
+        m.lora_B.fill_(1000.0)  # Δ = 2·(1000·1·2) = 4000: 65000 + 4000 overflows fp16
+        m.lora_A.fill_(1.0)
+    parallelize_module(m, mesh, ColwiseLoRA())
+    w0 = m.weight.to_local().clone()
+    with pytest.raises(lk.MergeOverflowError, match="over all shards"):
+        m.merge()
+    assert not m.merged and torch.equal(m.weight.to_local().view(torch.int16), w0.view(torch.int16))
     return out
 
 
@@ -753,7 +772,8 @@ def serving_sharded_slots(rank, world):
         y_full = torch.cat([x @ w.t() for w in W], dim=1)
         full.apply(y_full, x, ids)
         for fully in (True, False):
-            sh = ShardedAdapterSlots(L, r_max, K, widths, style=style, fully_sharded=fully, dtype=dt, device="cpu")
+            sh = ShardedAdapterSlots(L, r_max, K, widths, style=style, fully_sharded=fully, dtype=dt, device="cpu",
+                                     group=_mesh(world) if style == "rowwise" else None)
             for slot, (As, Bs, s) in enumerate(adapters):
                 sh.load(slot, As, Bs, s, name=f"a{slot}")
             if style == "colwise":
@@ -959,3 +979,22 @@ def test_collective_bytes_counts_plain_collectives_without_a_process_group_of_ma
         assert [(c.kind, c.payload_bytes) for c in cb.calls] == [("all_reduce", 7 * 3 * 4)]
     finally:
         dist.destroy_process_group()
+
+
+def test_readme_torchrun_example_runs_as_written():
+    """README "Scaling out": `torchrun --nproc-per-node 2 examples/tp_lora_torchrun.py` (gloo on the CPU) runs, and
+    its tensor-parallel losses equal the single-process replica's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "LORA_KERNELS_"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(root / "examples" / "tp_lora_torchrun.py")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    diffs = [float(d) for d in re.findall(r"step \d+: .*\|diff\| ([0-9.e+-]+)", out.stdout)]
+    assert len(diffs) == 5 and max(diffs) < 1e-5, out.stdout
+    assert "reduce_scatter" in out.stdout and "merged vs unmerged output" in out.stdout, out.stdout
