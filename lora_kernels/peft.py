@@ -206,7 +206,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, verbose: bool = Tr
     """Put every supported PEFT LoRA ``Linear`` in ``model`` on the fused path, in place.
 
     ``model`` is a ``PeftModel`` or any module containing PEFT LoRA layers. Layers whose every adapter is
-    unsupported (DoRA, lora_bias, other variants), quantized / non-``nn.Linear`` bases and ``fan_in_fan_out``
+    unsupported (DoRA, lora_bias, other variants), non-``nn.Linear`` bases (except bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``: their PEFT layers run ``quant_lora_linear``, lora_kernels/quant_modules.py) and ``fan_in_fan_out``
     layers are left untouched and listed in the report, one log line per reason. Supported layers get a
     forward that re-checks PEFT's live state on each call and falls back to PEFT's own forward when needed.
     Calling ``patch`` again is harmless (already patched layers are counted, not re-wrapped; ``backend`` is

@@ -166,6 +166,12 @@ def test_torchao_float8_weight_bit_exact():
     qw = Q.from_module(m[0])
     assert qw.fmt == "fp8_e4m3fn" and qw.source == "torchao.Float8Tensor"
     assert same_bits(Q.dequantize(qw), m[0].weight.dequantize()), torchao.__version__
+    layer = lk.LoRALinear(m[0], r=4, alpha=8, backend="torch")  # a LoRAQuantLinear over the torchao weight
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 64)
+    want = ref.lora_linear_ref(x.double(), m[0].weight.dequantize().double(), layer.lora_A.double(),
+                               layer.lora_B.double(), layer.scale, m[0].bias.double())
+    assert_close_rel(layer(x), want, TOL[torch.float32], "torchao base")
 
 
 @needs_triton
