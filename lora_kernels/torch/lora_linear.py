@@ -78,12 +78,18 @@ def _block_rows(M: int, K: int, device: torch.device, elems: Optional[int] = Non
 
 
 # ----------------------------------------------------------------------------------------------
-# Dropout mask: reference.dropout_keep_mask in int32 arithmetic
+# Dropout mask: reference.dropout_keep_mask in 32-bit arithmetic
 # ----------------------------------------------------------------------------------------------
+
+try:  # a dependency of lora_kernels; the torch int32 path below covers its absence
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None
 
 
 def _mix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """lowbias32 finaliser in place on int32 ``h`` (uint32 bit patterns); ``tmp`` is a scratch of h's shape."""
+    """lowbias32 finaliser in place on int32 ``h`` (uint32 bit patterns); ``tmp`` is a scratch of h's shape.
+    Multiplication wraps like uint32; a logical right shift is the arithmetic one masked to the low bits."""
     torch.bitwise_right_shift(h, 16, out=tmp)
     tmp.bitwise_and_(0xFFFF)
     h.bitwise_xor_(tmp)
@@ -98,34 +104,74 @@ def _mix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _np_mix32_(h, tmp):
+    """lowbias32 finaliser in place on a numpy uint32 array (native wrap-around and logical shifts)."""
+    _np.right_shift(h, 16, out=tmp)
+    _np.bitwise_xor(h, tmp, out=h)
+    _np.multiply(h, _NP_C1, out=h)
+    _np.right_shift(h, 15, out=tmp)
+    _np.bitwise_xor(h, tmp, out=h)
+    _np.multiply(h, _NP_C2, out=h)
+    _np.right_shift(h, 16, out=tmp)
+    _np.bitwise_xor(h, tmp, out=h)
+    return h
+
+
+if _np is not None:
+    _NP_C1, _NP_C2 = _np.uint32(_C1), _np.uint32(_C2 & 0xFFFFFFFF)
+
+
 class _KeepMask:
     """Generator of the keep-mask rows of one call: ``keep(r0, r1)`` = rows row0+r0 .. row0+r1-1 of
-    ``reference.dropout_keep_mask(seed, ·, cols, p)`` as uint8 0/1 (a comparison into uint8 is about twice as fast
-    as into bool here, and multiplying a float block by it is exact), for 0 <= r0 <= r1 <= rows. By default the
-    result is a view of a reused buffer: consume it before the next call."""
+    ``reference.dropout_keep_mask(seed, ·, cols, p)`` as uint8 0/1 [r1 - r0, cols] (multiplying a float block by it
+    is exact), for 0 <= r0 <= r1 <= rows. The result is a view of a buffer reused by the next call.
+
+    On the CPU the hash runs in numpy uint32 (native wrap-around and logical shifts, ~1 µs per op call instead of
+    several for a torch op: most of the cost at small sizes); elsewhere in torch int32 ops on the tensors' device.
+    Both are bit for bit the reference's mask (tests/test_torch_backend.py)."""
 
     def __init__(self, seed: int, p: float, rows: int, cols: int, device: torch.device, max_rows: int, row0: int = 0):
-        self.cols = cols
         thr = ref.dropout_threshold(p)
         self.none_kept = thr >= (1 << ref.DROPOUT_HASH_BITS)
-        # keep iff (h >> 8) >= thr as uint32  <=>  h >= thr << 8 (uint32)  <=>  (h ^ INT_MIN) >= (thr << 8) + INT_MIN
-        self.bound = (thr << (32 - ref.DROPOUT_HASH_BITS)) + _INT_MIN
         seed_h = ref.dropout_seed_hash(seed)
-        # Row hashes mix32(m + mix32(seed)) for every row at once (int64 with masking: M values only).
-        m = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
-        row_h = ref._mix32(m + seed_h)
-        self.row_h = (row_h - ((row_h >> 31) << 32)).to(torch.int32)[:, None]  # the same bits as int32
-        self.k = torch.arange(cols, dtype=torch.int32, device=device)
         n = max(1, min(rows, max_rows))
-        self._h = torch.empty((n, cols), dtype=torch.int32, device=device)
-        self._t = torch.empty((n, cols), dtype=torch.int32, device=device)
-        self._keep = torch.empty((n, cols), dtype=torch.uint8, device=device)
+        self.numpy = device.type == "cpu" and _np is not None
+        if self.numpy:
+            self.thr = _np.uint32(min(thr, 0xFFFFFF))
+            row_h = _np.arange(row0, row0 + rows, dtype=_np.uint32)  # rows < 2^32 (a tensor's row count)
+            _np.add(row_h, _np.uint32(seed_h), out=row_h)
+            self.row_h = _np_mix32_(row_h, _np.empty_like(row_h))[:, None]
+            self.k = _np.arange(cols, dtype=_np.uint32)[None, :]
+            self._h = _np.empty((n, cols), dtype=_np.uint32)
+            self._t = _np.empty((n, cols), dtype=_np.uint32)
+        else:
+            # keep iff (h >> 8) >= thr as uint32  <=>  (h ^ INT_MIN) >= (thr << 8) + INT_MIN as int32
+            self.bound = (thr << (32 - ref.DROPOUT_HASH_BITS)) + _INT_MIN
+            m = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
+            row_h = ref._mix32(m + seed_h)  # M values: int64 with masking
+            self.row_h = (row_h - ((row_h >> 31) << 32)).to(torch.int32)[:, None]  # the same bits as int32
+            self.k = torch.arange(cols, dtype=torch.int32, device=device)
+            self._h = torch.empty((n, cols), dtype=torch.int32, device=device)
+            self._t = torch.empty((n, cols), dtype=torch.int32, device=device)
+        self._keep = None
+        self._shape, self._device = (n, cols), device
 
     def keep(self, r0: int, r1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = r1 - r0
-        keep = self._keep[:n] if out is None else out
+        if out is None:
+            if self._keep is None:
+                self._keep = torch.empty(self._shape, dtype=torch.uint8, device=self._device)
+            out = self._keep[:n]
+        keep = out
         if self.none_kept:
             return keep.fill_(0)
+        if self.numpy:
+            h, t = self._h[:n], self._t[:n]
+            _np.add(self.row_h[r0:r1], self.k, out=h)  # k + mix32(m + mix32(seed)), wrapping
+            _np_mix32_(h, t)
+            _np.right_shift(h, 32 - ref.DROPOUT_HASH_BITS, out=h)
+            _np.greater_equal(h, self.thr, out=keep.numpy().view(_np.bool_))
+            return keep
         h, t = self._h[:n], self._t[:n]
         torch.add(self.row_h[r0:r1], self.k, out=h)  # k + mix32(m + mix32(seed)), wrapping like uint32
         _mix32_(h, t)
@@ -146,12 +192,12 @@ def keep_mask_rows(seed: int, row0: int, rows: int, cols: int, p: float, device=
     gen = _KeepMask(seed, p, rows, cols, device, br, row0=row0)
     for r0 in range(0, rows, br):
         r1 = min(rows, r0 + br)
-        gen.keep(r0, r1, out=out[r0:r1])
+        gen.keep(r0, r1, out=out[r0:r1] if (r0 or r1 < rows) else out)
     return out
 
 
 def dropout_keep_mask_fast(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """``reference.dropout_keep_mask`` bit for bit (bool), in blocked int32 arithmetic (several times faster)."""
+    """``reference.dropout_keep_mask`` bit for bit (bool), in blocked 32-bit arithmetic (several times faster)."""
     return keep_mask_rows(seed, 0, rows, cols, p, device).view(torch.bool)
 
 
@@ -228,27 +274,41 @@ def lora_linear_fwd_torch(
         y.addmm_(xa, b.t(), alpha=scale)
         return y, xa
 
+    # Row blocks (one on a GPU or for small inputs): the fp32 copy of x (16-bit inputs), the masked x and the fp32
+    # LoRA term of y exist one block at a time.
+    br = _block_rows(M, max(K, y.shape[1]), x.device)
+    drop = None
+    if p > 0.0 and keep is None and M > 0:
+        drop = _KeepMask(seed, p, M, K, x.device, br)
+    inv_keep = 1.0 / (1.0 - p)
+    zero = _zero(acc, x.device)
+    bt = b.t()
+    if M <= br:
+        xa = _shrink(x, a, acc, lowp, keep if drop is None else drop.keep(0, M), inv_keep, zero)
+        if lowp:
+            y.add_(torch.mm(xa, bt), alpha=scale)  # fp32 sum, rounded to y's dtype
+        else:
+            y.addmm_(xa, bt, alpha=scale)
+        return y, xa
     xa = torch.empty((M, a.shape[0]), dtype=acc, device=x.device)
-    br = _block_rows(M, K, x.device)
-    drop = _KeepMask(seed, p, M, K, x.device, br) if (p > 0.0 and M > 0 and keep is None) else None
     for r0 in range(0, M, br):
         r1 = min(M, r0 + br)
-        xb = x[r0:r1]
-        kb = None if p == 0.0 else (keep[r0:r1] if keep is not None else drop.keep(r0, r1))
-        if kb is not None:
-            xs = xb.to(acc).mul_(kb) if lowp else torch.mul(xb, kb)
-        else:
-            xs = xb.to(acc)
-        torch.mm(xs, a.t(), out=xa[r0:r1])
-    if p > 0.0:
-        xa.mul_(1.0 / (1.0 - p))
+        kb = None if p == 0.0 else (keep[r0:r1] if drop is None else drop.keep(r0, r1))
+        xab = xa[r0:r1]
+        xab.copy_(_shrink(x[r0:r1], a, acc, lowp, kb, inv_keep, zero))
+        if lowp:
+            y[r0:r1].add_(torch.mm(xab, bt), alpha=scale)
     if not lowp:
-        y.addmm_(xa, b.t(), alpha=scale)
-    else:
-        for r0 in range(0, M, br):
-            r1 = min(M, r0 + br)
-            y[r0:r1].add_(torch.mm(xa[r0:r1], b.t()), alpha=scale)  # fp32 sum, rounded to y's dtype
+        y.addmm_(xa, bt, alpha=scale)
     return y, xa
+
+
+def _shrink(xb, a, acc, lowp: bool, kb: Optional[torch.Tensor], inv_keep: float, zero) -> torch.Tensor:
+    """``drop(xb)·aᵀ`` in acc: the mask (if any) zeroes elements of the acc copy of xb, 1/(1−p) scales the product."""
+    if kb is None:
+        return _linear(xb.to(acc) if lowp else xb, a)
+    xs = xb.to(acc).mul_(kb) if lowp else torch.mul(xb, kb)
+    return torch.addmm(zero, xs, a.t(), beta=0, alpha=inv_keep)
 
 
 def lora_linear_bwd_torch(
@@ -279,17 +339,18 @@ def lora_linear_bwd_torch(
     if need_dw:
         dw = torch.mm(dy.t(), x).to(weight.dtype)
     if need_dx:
-        dx = _mm_dy_w(dy, weight)
+        dx = _mm_dy_w(dy, weight)  # dy·W0 in dy's dtype
     if not (need_dx or need_da or need_db):
         return dx, da, db, dw
     a = lora_a if lora_a.dtype == acc else lora_a.to(acc)
     b = lora_b if lora_b.dtype == acc else lora_b.to(acc)
     xa = xa if xa.dtype == acc else xa.to(acc)
+    zero = _zero(acc, dy.device)
     inv_keep = 1.0 / (1.0 - p)
+    s_dxa = scale * inv_keep  # dxa / (1 − p): drop'(dxa·A) = keep ∘ ((dxa/(1−p))·A), dA = (dxa/(1−p))ᵀ·(keep ∘ x)
 
     if not lowp and p == 0.0:
         # fp32 / fp64: whole-tensor GEMMs (scales folded into them), the r-wide term accumulated into dx in the GEMM
-        zero = _zero(acc, dy.device)
         dxa = torch.addmm(zero, dy, b, beta=0, alpha=scale)
         if need_db:
             db = torch.addmm(zero, dy.t(), xa, beta=0, alpha=scale)
@@ -300,39 +361,54 @@ def lora_linear_bwd_torch(
     else:
         br = _block_rows(M, max(K, N), dy.device)
         drop = None
-        if p > 0.0 and M > 0 and (need_da or need_dx) and keep is None:
+        if p > 0.0 and keep is None and M > 0 and (need_da or need_dx):
             drop = _KeepMask(seed, p, M, K, dy.device, br)
-        if lowp:
-            db = torch.zeros(b.shape, dtype=acc, device=dy.device) if need_db else None
-            dxa = None
-        else:
-            dxa = torch.mm(dy, b).mul_(scale * inv_keep)  # dxa / (1 − p): the dropout scale, applied to M×r
-            db = torch.mm(dy.t(), xa).mul_(scale) if need_db else None
-        da = torch.zeros(a.shape, dtype=acc, device=dy.device) if need_da else None
+        if not lowp:
+            dxa = torch.addmm(zero, dy, b, beta=0, alpha=s_dxa)
+            if need_db:
+                db = torch.addmm(zero, dy.t(), xa, beta=0, alpha=scale)
+        if M == 0:  # (empty products below would still need their shapes)
+            da = torch.zeros(a.shape, dtype=acc, device=dy.device) if need_da else None
+            db = torch.zeros(b.shape, dtype=acc, device=dy.device) if (need_db and lowp) else db
         for r0 in range(0, M, br):
             r1 = min(M, r0 + br)
+            whole = r0 == 0 and r1 == M
+            sl = slice(r0, r1)
             if lowp:
-                dyb = dy[r0:r1].to(acc)
-                dxab = torch.mm(dyb, b).mul_(scale * inv_keep)
+                dyb = (dy if whole else dy[sl]).to(acc)
+                dxab = torch.addmm(zero, dyb, b, beta=0, alpha=s_dxa)
                 if need_db:
-                    db.addmm_(dyb.t(), xa[r0:r1], alpha=scale)
+                    xab = xa if whole else xa[sl]
+                    if db is None:
+                        db = torch.addmm(zero, dyb.t(), xab, beta=0, alpha=scale)
+                    else:
+                        db.addmm_(dyb.t(), xab, alpha=scale)
             else:
-                dxab = dxa[r0:r1]
+                dxab = dxa if whole else dxa[sl]
             if not (need_da or need_dx):
                 continue
-            kb = None if p == 0.0 else (keep[r0:r1] if keep is not None else drop.keep(r0, r1))
+            kb = None
+            if p > 0.0:
+                kb = (keep if whole else keep[sl]) if drop is None else drop.keep(r0, r1)
             if need_da:
-                xb = x[r0:r1]
+                xb = x if whole else x[sl]
                 if kb is not None:
                     xs = xb.to(acc).mul_(kb) if lowp else torch.mul(xb, kb)
                 else:
                     xs = xb.to(acc)
-                da.addmm_(dxab.t(), xs)
+                if da is None:
+                    da = torch.mm(dxab.t(), xs)
+                else:
+                    da.addmm_(dxab.t(), xs)
             if need_dx:
-                g = torch.mm(dxab, a)
-                if kb is not None:
-                    g.mul_(kb)
-                dx[r0:r1].add_(g)  # fp32 sum, rounded to dx's dtype
+                dxb = dx if whole else dx[sl]
+                if kb is None and not lowp:
+                    dxb.addmm_(dxab, a)
+                else:
+                    g = torch.mm(dxab, a)
+                    if kb is not None:
+                        g.mul_(kb)
+                    dxb.add_(g)  # fp32 sum, rounded to dx's dtype
     if da is not None and da.dtype != lora_a.dtype:
         da = da.to(lora_a.dtype)
     if db is not None and db.dtype != lora_b.dtype:
