@@ -135,6 +135,8 @@ class LoRALinear(nn.Module):
                                      "nn.Parameter(module.weight.detach().clone())), keep the adapter unmerged, or pass "
                                      "allow_tied=True to merge anyway")
             warnings.warn(f"LoRALinear.merge(allow_tied=True): {msg}", UserWarning, stacklevel=2)
+        if hasattr(self, "reshard"):  # FSDP2 module: merge the sharded parameters, not a transient unsharded copy
+            self.reshard()
         self._merge_record = merge_exact_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
         self.merged = True
 
@@ -148,6 +150,8 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
         record: Optional[MergeRecord] = getattr(self, "_merge_record", None)
+        if hasattr(self, "reshard"):  # FSDP2 module: unmerge the sharded parameters (where merge() merged)
+            self.reshard()
         try:
             if record is None:
                 raise LoRAInputError("no merge record (merged by an older version or by hand)")

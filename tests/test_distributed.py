@@ -743,6 +743,25 @@ def fsdp2_train_merge_state_dict(rank, world):
     _close(model[0].weight, w_full, dt, "plain unmerge_ on FSDP2 shards")
     out.update({"repairs_rank0": repairs, "state_dict_W_elements_differing_from_1proc_merge": diffs,
                 "plain_merge_elements_differing": plain_diff})
+
+    # reshard_after_forward=False: after a forward the module holds unsharded copies; merge() reshards first, so the
+    # merge lands in the sharded parameters (it survives the next reshard) and unmerge() restores them exactly
+    layer, ref1 = _lora_linear(16, 8, 4, dt, seed=5), _lora_linear(16, 8, 4, dt, seed=5)
+    fully_shard(layer, reshard_after_forward=False)
+    with torch.no_grad():
+        layer(x)
+    w0 = layer.weight.to_local().clone() if hasattr(layer.weight, "to_local") else None
+    layer.merge()
+    ref1.merge()
+    layer.reshard()
+    with torch.no_grad():
+        _close(layer(x), ref1(x), dt, "merged output after a reshard (reshard_after_forward=False)")
+    layer.unmerge()
+    layer.reshard()
+    assert w0 is None or torch.equal(layer.weight.to_local().view(torch.int16), w0.view(torch.int16))
+    ref1.unmerge()
+    with torch.no_grad():
+        _close(layer(x), ref1(x), dt, "unmerged output after a reshard")
     return out
 
 
@@ -796,6 +815,23 @@ def serving_sharded_slots(rank, world):
             else:
                 assert calls == [], calls
             out[f"{style} fully_sharded={fully}"] = calls
+
+    from lora_kernels import LoRAInputError
+
+    with pytest.raises(LoRAInputError, match="r_max=3 must be divisible"):
+        ShardedAdapterSlots(L, 3, K, [32], style="colwise")
+    ShardedAdapterSlots(L, 3, K, [32], style="colwise", fully_sharded=False)  # A whole: any rank
+    with pytest.raises(LoRAInputError, match="divisible"):
+        ShardedAdapterSlots(L, r_max, K, [33], style="colwise")
+    with pytest.raises(LoRAInputError, match="in_features must be divisible"):
+        ShardedAdapterSlots(L, r_max, 33, [32], style="rowwise")
+    with pytest.raises(LoRAInputError, match="style"):
+        ShardedAdapterSlots(L, r_max, K, [32], style="diagonal")
+    sh = ShardedAdapterSlots(L, r_max, K, [32], style="colwise", dtype=dt, device="cpu")
+    with pytest.raises(LoRAInputError, match="full"):
+        sh.load(0, torch.randn(4, K // 2), torch.randn(32, 4), 1.0)  # a shard instead of the full adapter
+    with pytest.raises(LoRAInputError, match="y must be"):
+        sh.apply(torch.zeros(M, 32), torch.zeros(M, K), torch.zeros(M, dtype=torch.int32))
     return out
 
 
