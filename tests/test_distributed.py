@@ -120,6 +120,8 @@ def _assert_check(group, name):
         if not got["ok"]:
             pytest.fail(f"check {name} failed on rank {r}:\n{got['error']}")
     info = group["ranks"][0][name]["info"]
+    if "skipped" in info:
+        pytest.skip(info["skipped"])
     if info:
         print(f"\n{name} ({group['ranks'][0][name]['s']} s): {json.dumps(info)}")
     return info
@@ -450,7 +452,6 @@ def collective_bytes(rank, world):
                 calls.append(cb.calls)
             extra = _extra_calls(calls[1], calls[0])
             assert sorted(extra) == sorted([(fwd_kind, M * r * 4), (bwd_kind, M * r * 4)]), (name, N, extra)
-            assert all(b * (N // r) <= M * N * 4 for _, b in extra)
             out[f"{name} N={N}"] = {
                 "lora_extra": [f"{k} {b} B" for k, b in extra],
                 "M*r*4": M * r * 4, "M*N*4": M * N * 4,
@@ -857,8 +858,8 @@ def triton_backend_under_tp(rank, world):
         parallelize_module(m, mesh, ColwiseLoRA(shard_lora_a=shard, use_local_output=False))
         x = torch.randn(8, 32, dtype=dt)
         with torch.no_grad():
-            _close(m(x), ref(x), dt, f"triton colwise shard_lora_a={shard}")
-    return {}
+            err = _close(m(x), ref(x), dt, f"triton colwise shard_lora_a={shard}")
+    return {"triton_vs_torch_rel_err": f"{err:.1e}"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -608,7 +608,11 @@ def register() -> None:
         return
     from ..ops import SCHEMAS
 
-    handlers = DTensor._op_dispatcher._custom_op_handlers
+    handlers = getattr(getattr(DTensor, "_op_dispatcher", None), "_custom_op_handlers", None)
+    if not isinstance(handlers, dict):  # pragma: no cover - a torch without DTensor's op-handler table
+        raise ImportError("lora_kernels.distributed: this torch's DTensor has no custom op-handler table "
+                          "(DTensor._op_dispatcher._custom_op_handlers, present in torch 2.5 - 2.13); the LoRA rules "
+                          "cannot be registered")
     rules = {"lora_linear_fwd": _lora_linear_fwd_rule, "lora_linear_bwd": _lora_linear_bwd_rule,
              "lora_dropout_keep": _dropout_keep_rule, "merge_": _merge_rule, "add_lora_": _add_lora_rule}
     for name in SCHEMAS:
