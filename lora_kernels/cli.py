@@ -1,7 +1,8 @@
 """``lora-kernels`` command line (also ``python -m lora_kernels``).
 
     lora-kernels info                      versions, GPU, which backends are available and why not
-    lora-kernels bench [--full] [--json F] time every available backend on the core ops
+    lora-kernels bench [--full] [--json F] time every available backend on the core ops (on the CPU: the floor and
+                                           the backends interleaved, min/median/max, noise flagged)
     lora-kernels bench --model llama-tiny  end-to-end training-step throughput / VRAM vs PEFT
 """
 
@@ -60,7 +61,8 @@ def _bench(args) -> int:
     if out is None:
         base = os.environ.get("OUT") or "."
         out = os.path.join(base, "lora_kernels_bench.json")
-    core.run(device=args.device, full=args.full, backends=args.backends, out_json=out, progress=not args.no_progress)
+    core.run(device=args.device, full=args.full, backends=args.backends, out_json=out, progress=not args.no_progress,
+             rounds=args.rounds, threads=args.threads)
     return 0
 
 
@@ -75,6 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="default: all on CUDA, torch only on the CPU")
     b.add_argument("--json", default=None, help="where to write JSON (default $OUT/ or ./lora_kernels_bench.json)")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--rounds", type=int, default=None,
+                   help="CPU: interleaved timing rounds per case (default 15, 25 with --full)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU: intra-op threads while timing (default 1, timed with thread CPU time)")
     b.add_argument("--model", choices=["llama-tiny", "llama-7b-layer"], default=None,
                    help="end-to-end training-step benchmark vs PEFT instead of op-level")
     b.add_argument("--steps", type=int, default=None, help="--model: timed steps")

@@ -166,11 +166,22 @@ def _lora_linear_bwd(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, 
 
 
 def _lora_dropout_keep(x, dropout_p, seed, seed_tensor=None):
-    from ..torch.lora_linear import lora_dropout_keep_torch  # the one implementation: plain torch ops, any device
-
+    # One implementation for every device (the torch backend's hash), imported on first use like a launcher.
+    fn = _keep_impl or _load_keep_impl()
     if seed_tensor is not None:
         seed = int(seed_tensor)
-    return lora_dropout_keep_torch(x, dropout_p, seed)
+    return fn(x, dropout_p, seed)
+
+
+_keep_impl = None
+
+
+def _load_keep_impl():
+    global _keep_impl
+    from ..torch.lora_linear import lora_dropout_keep_torch
+
+    _keep_impl = lora_dropout_keep_torch
+    return _keep_impl
 
 
 impl_all_devices("lora_linear_fwd", _lora_linear_fwd)

@@ -404,11 +404,10 @@ def lora_linear_bwd_torch(
                 dxb = dx if whole else dx[sl]
                 if kb is None and not lowp:
                     dxb.addmm_(dxab, a)
+                elif kb is None:
+                    dxb.add_(torch.mm(dxab, a))  # fp32 sum, rounded to dx's dtype
                 else:
-                    g = torch.mm(dxab, a)
-                    if kb is not None:
-                        g.mul_(kb)
-                    dxb.add_(g)  # fp32 sum, rounded to dx's dtype
+                    dxb.addcmul_(torch.mm(dxab, a), kb)  # dx += keep ∘ (dxa/(1−p))·A, in fp32, rounded once
     if da is not None and da.dtype != lora_a.dtype:
         da = da.to(lora_a.dtype)
     if db is not None and db.dtype != lora_b.dtype:
