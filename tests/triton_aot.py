@@ -4,7 +4,7 @@
 The interpreter tests (``TRITON_INTERPRET=1``) never run Triton's GPU compiler, so they cannot see a kernel that
 fails to lower for a real GPU (``tl.dot`` operand-type rules for bf16/fp16/fp32 and ``input_precision``, layouts of
 small tiles, uint32 arithmetic, atomics, shared memory per config). This harness compiles the kernels of
-``lora_kernels/triton/{lora_linear,multi_lora,merge}.py`` all the way to a cubin (Triton's bundled ptxas) for
+``lora_kernels/triton/{lora_linear,multi_lora,merge,quant_linear}.py`` all the way to a cubin (Triton's bundled ptxas) for
 sm_90 (H100) and sm_80 (A100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``.
 
 How: one subprocess runs this file as a script with ``TRITON_INTERPRET=0`` (the kernel modules read that variable
@@ -67,7 +67,7 @@ def _torch_dtype(name):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "i32": torch.int32,
-            "i64": torch.int64, "i16": torch.int16}[name]
+            "i64": torch.int64, "i16": torch.int16, "u8": torch.uint8, "i8": torch.int8}[name]
 
 
 def _t(name):
@@ -250,10 +250,62 @@ def _merge_variants(dtype):
     return out
 
 
-def _modules():
-    from lora_kernels.triton import lora_linear, merge, multi_lora
+def _quant_linear_jobs(ql, dtype, variant, shape):
+    """The quantised-base kernels (triton/quant_linear.py), mirroring its launchers: the fused GEMM forward (W0
+    read transposed) and dx (W0 as stored), and the scratch strategy's dequantisation kernel."""
+    M, N, K = shape["M"], shape["N"], shape["K"]
+    ragged = shape is _SHAPES["ragged"]
+    fmt = variant["fmt"]
+    fid = {"nf4": 0, "int8": 1, "fp8": 2, "fp8t": 2}[fmt]
+    q = {"nf4": "u8", "int8": "i8", "fp8": "u8", "fp8t": "u8"}[fmt]
+    stride_qn = 0 if fid == 0 else K
+    const = dict(FMT=fid, BLOCKSIZE=64 if fid == 0 else 1, SCALE_ONE=fmt == "fp8t", FLAT64=variant.get("flat64", False))
+    kind = variant["kind"]
+    if kind == "dequant":
+        bn, bk = ql.DEQUANT_BLOCK
+        return [("_dequant_kernel", (_t(q), _t("fp32"), _t("fp32"), _t(dtype), N, K, stride_qn, K), const)]
+    R = variant["R"]
+    block_r = min(128, max(16, 1 << (R - 1).bit_length()))
+    prec = variant.get("prec", "tf32")
+    mb = 1 << min(16, (M - 1).bit_length())
+    xs = (1, M + 3) if ragged else (K, 1)
+    dyn = (1, M + 5) if ragged else (N, 1)
+    seed = (-123456789, 1 << 23, 1.25)
+    ptrs = (_t(dtype), _t(q), _t("fp32"), _t("fp32"), _t(dtype), _t("fp32"), _t(dtype), _t(dtype))
+    epi_low = dtype == "bf16"
+    if kind == "gemm_fwd":
+        return [("_quant_gemm_kernel", (*ptrs, M, N, K, R, K, *xs, stride_qn, N, 1, R, 1, 1, R, 2.0, 0, 0, 1.0, mb),
+                 dict(const, W_T=True, HAS_BIAS=variant["bias"], DROPOUT=False, EPI_LOW=epi_low, BLOCK_R=block_r,
+                      INPUT_PRECISION=prec))]
+    return [("_quant_gemm_kernel", (*ptrs, M, K, N, R, K, *dyn, stride_qn, K, 1, R, 1, K, 1, 1.0, *seed, mb),
+             dict(const, W_T=False, HAS_BIAS=False, DROPOUT=variant["dropout"], EPI_LOW=epi_low, BLOCK_R=block_r,
+                  INPUT_PRECISION=prec))]
 
-    return {"lora_linear": lora_linear, "multi_lora": multi_lora, "merge": merge}
+
+def _quant_linear_variants(dtype):
+    precs = ("tf32", "ieee") if dtype == "fp32" else ("tf32",)
+    out = []
+    for fmt in ("nf4", "int8", "fp8", "fp8t"):
+        for prec in precs:
+            for R in (16, 128):
+                for bias in (False, True):
+                    out.append(dict(kind="gemm_fwd", fmt=fmt, R=R, prec=prec, bias=bias))
+                for dropout in (False, True):
+                    out.append(dict(kind="gemm_dx", fmt=fmt, R=R, prec=prec, dropout=dropout))
+        out.append(dict(kind="dequant", fmt=fmt))
+    out.append(dict(kind="gemm_fwd", fmt="nf4", R=16, bias=False, flat64=True))  # N·K >= 2^31: int64 flat index
+    out.append(dict(kind="dequant", fmt="nf4", flat64=True))
+    return out
+
+
+def _modules():
+    from lora_kernels.triton import lora_linear, merge, multi_lora, quant_linear
+
+    return {"lora_linear": lora_linear, "multi_lora": multi_lora, "merge": merge, "quant_linear": quant_linear}
+
+
+# kernels launched with one fixed config (every config must fit, like the merge's)
+_NOT_AUTOTUNED = ("_lora_merge_kernel", "_dequant_kernel")
 
 
 def _kernel_table(mods):
@@ -275,6 +327,13 @@ def _kernel_table(mods):
         opts["enable_fp_fusion"] = False
         merge_cfgs.append((meta, opts))
     table["_lora_merge_kernel"] = ("merge", mg._lora_merge_kernel, merge_cfgs, None)
+    ql = mods["quant_linear"]
+    cfgs = _configs(ql._quant_gemm_kernel)
+    table["_quant_gemm_kernel"] = ("quant_linear", ql._quant_gemm_kernel, cfgs,
+                                   min(range(len(cfgs)), key=lambda i: cfgs[i][0]["BLOCK_M"]))
+    bn, bk = ql.DEQUANT_BLOCK
+    table["_dequant_kernel"] = ("quant_linear", ql._dequant_kernel,
+                                [(dict(BLOCK_N=bn, BLOCK_K=bk), dict(num_warps=4, num_stages=3))], None)
     return table
 
 
@@ -311,7 +370,7 @@ def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind,
         picks = {0} if (main_kind or target == 90) else set()
         if main:
             picks |= small
-            if kname == "_lora_merge_kernel" or (dtype == "bf16" and target == 90):
+            if kname in _NOT_AUTOTUNED or (dtype == "bf16" and target == 90):
                 picks |= set(range(len(cfgs)))
         return picks
     # ci
@@ -324,7 +383,7 @@ def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind,
         if dtype == "fp32" and target == 80:
             # the largest elements on the smallest shared memory: the worst case of the small-M set and of the
             # merge configs (which must all fit: pick_config can return any of them)
-            picks |= set(range(len(cfgs))) if kname == "_lora_merge_kernel" else small
+            picks |= set(range(len(cfgs))) if kname in _NOT_AUTOTUNED else small
     elif dtype == "bf16" and target == 90:
         picks.add(rep)
     return picks
@@ -342,6 +401,7 @@ def build_jobs(level: str):
         ("lora_linear", _lora_linear_variants, _lora_linear_jobs),
         ("multi_lora", _multi_lora_variants, _multi_lora_jobs),
         ("merge", _merge_variants, _merge_jobs),
+        ("quant_linear", _quant_linear_variants, _quant_linear_jobs),
     ]
     jobs = {}
 
@@ -350,7 +410,7 @@ def build_jobs(level: str):
         key = json.dumps([kname, dtype, target, variant, shape_name, ci], sort_keys=True)
         jobs[key] = (dict(module=modname, kernel=kname, dtype=dtype, target=target, variant=variant,
                           shape=shape_name, config=ci, meta=meta, opts=opts, n_configs=len(table[kname][2]),
-                          autotuned=kname != "_lora_merge_kernel", prune_by_m=table[kname][3] is not None,
+                          autotuned=kname not in _NOT_AUTOTUNED, prune_by_m=table[kname][3] is not None,
                           n_small_m=len(_small_m_set(table[kname][2])) if table[kname][3] is not None else 0),
                      args, constexprs)
 
@@ -443,7 +503,7 @@ def run_worker(level: str, procs: int, jsonl: str):
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the compile worker must run with the interpreter off"
     items = build_jobs(level)
     # heaviest kernels first so the pool's tail is short
-    weight = {"_lora_gemm_kernel": 0, "_lora_shrink_kernel": 1, "_lora_dy_kernel": 1}
+    weight = {"_lora_gemm_kernel": 0, "_quant_gemm_kernel": 0, "_lora_shrink_kernel": 1, "_lora_dy_kernel": 1}
     items.sort(key=lambda it: weight.get(it[0]["kernel"], 2))
     with open(jsonl, "a") as f:
         if procs <= 1:

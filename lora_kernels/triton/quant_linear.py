@@ -41,9 +41,8 @@ import triton
 import triton.language as tl
 
 from .. import quant as Q
-from ._common import INTERPRET, dropout_args, keep_mask
+from ._common import INTERPRET, autotune_configs, dropout_args, keep_mask
 from .lora_linear import (
-    GEMM_CONFIGS,
     _block_r,
     _device_ctx,
     _input_precision,
@@ -68,6 +67,30 @@ FUSED_MAX_M = 256
 FMT_4BIT, FMT_INT8, FMT_FP8 = 0, 1, 2
 _FMT_ID = {"nf4": FMT_4BIT, "fp4": FMT_4BIT, "int8": FMT_INT8, "fp8_e4m3fn": FMT_FP8}
 DEQUANT_BLOCK = (16, 32) if INTERPRET else (32, 128)  # (rows, columns) of W0 per _dequant_kernel program
+
+
+def _gemm(bm, bn, bk, g, w, s):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g), w, s
+
+
+# The fused GEMM decodes a BLOCK_K x BLOCK_N weight tile per step in registers (index, byte, nibble, scale per
+# element), so its tiles are narrower in K than lora_linear's: the 128-wide K steps of lora_linear's small-M configs
+# spilled registers in the ahead-of-time compile (tests/triton_aot.py, sm_90 / sm_80). Speed: unmeasured.
+QUANT_GEMM_CONFIGS = autotune_configs(
+    [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+        _gemm(128, 256, 32, 8, 8, 3),  # large M (the scratch strategy is the default there; for strategy="fused")
+        _gemm(128, 128, 64, 8, 8, 3),
+        _gemm(128, 128, 32, 8, 4, 4),
+        _gemm(64, 128, 64, 8, 4, 4),
+        _gemm(64, 64, 64, 8, 4, 4),
+        _gemm(32, 128, 64, 8, 4, 3),  # small M (decode / short prefill: the fused strategy's range)
+        _gemm(32, 64, 64, 8, 4, 3),
+        _gemm(16, 128, 32, 8, 4, 4),
+        _gemm(16, 64, 64, 8, 4, 3),
+    ],
+    _gemm(32, 32, 32, 4, 4, 1),
+)
 
 
 def choose_strategy(strategy, M: int) -> str:
@@ -158,7 +181,7 @@ def _lora_term(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, str
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS,
+    configs=QUANT_GEMM_CONFIGS,
     key=["m_bucket", "NC", "KR", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT", "FMT", "W_T", "BLOCKSIZE"],
     prune_configs_by={"early_config_prune": _prune_by_m},
 )
