@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL, add_lora_lowp, assert_close_rel, assert_fa_rule
+from conftest import HAS_CUDA, TOL, add_lora_lowp, assert_close_rel, assert_fa_rule, poison_
 
 import lora_kernels
 from lora_kernels.reference import add_lora_ref
@@ -14,6 +14,13 @@ from lora_kernels.triton.multi_lora import add_lora_triton, choose_strategy
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 WIDTHS = [24, 10, 17]  # packed q/k/v-like slices of unequal, odd widths
+
+
+@pytest.fixture(autouse=True)
+def _poison_scratch(monkeypatch):
+    """The launchers' scratch buffers (decode partial sums, prefill xa) start as NaN: a kernel reading an entry
+    no kernel wrote would put NaN into y."""
+    monkeypatch.setattr(multi_lora, "_alloc", lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype, device=device)))
 
 
 def make_ids(pattern: str, M: int, L: int, gen: torch.Generator) -> torch.Tensor:
@@ -103,6 +110,21 @@ def test_patterns_mixed_ranks(strategy, pattern, dtype):
     y = c["y"].clone()
     add_lora_triton(y, c["x"], poisoned["A"], poisoned["B"], c["ids"], c["scales"], c["ranks"], strategy=strategy)
     check(c, y, TOL[dtype], f"{strategy}/{pattern}/{dtype} with NaN padding")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "one", "with_none"])
+def test_bgmv_token_tiles_and_k_splits(pattern, dtype):
+    """Decode kernels with several 16-token tiles, several K splits (partials summed by the expand), several
+    distinct adapters per tile, mixed ranks (one 0) and two slices."""
+    L, r_max, K = 5, 32, 200
+    assert triton_splits(K) > 1
+    c = make_case(37, K, [40, 9], L, r_max, dtype, ranks=[32, 0, 7, 17, 1], pattern=pattern, seed=17)
+    check(c, run_triton(c, "bgmv"), TOL[dtype], f"bgmv tiles+splits/{pattern}/{dtype}")
+
+
+def triton_splits(K):
+    return -(-K // multi_lora._k_per_split(K))
 
 
 @pytest.mark.parametrize("r", [1, 8, 16, 64, 128])

@@ -130,16 +130,19 @@ def _lora_linear_jobs(ll, dtype, variant, shape):
             _t(dtype), _t(dtype), _t("fp32"), M, K, R, *xs, K, 1, R, 1, *seed, mb),
             dict(DROPOUT=variant["dropout"], BLOCK_R=block_r, INPUT_PRECISION=prec)))
     elif kind == "gemm_fwd":
+        # FUSED_SHRINK: SA = A [r, K] (the shrink in the K loop), L = xa written by the kernel
         jobs.append(("_lora_gemm_kernel", (
-            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype),
-            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, 2.0, 0, 0, 1.0, mb),
-            dict(HAS_BIAS=variant["bias"], DROPOUT=False, EPI_LOW=epi_low, BLOCK_R=block_r, INPUT_PRECISION=prec)))
+            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype),
+            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, K, 1, 2.0, 0, 0, 1.0, mb),
+            dict(HAS_BIAS=variant["bias"], DROPOUT=False, EPI_LOW=epi_low, FUSED_SHRINK=variant.get("fused", False),
+                 BLOCK_R=block_r, INPUT_PRECISION=prec)))
     elif kind == "gemm_dx":
         # dx = dy·W0 + drop'(dxa·A): Aop = dy [M, N], Bop = W0 [N, K], C = dx [M, K], L = dxa, Rt = A [r, K]
         jobs.append(("_lora_gemm_kernel", (
-            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype),
-            M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, 1.0, *seed, mb),
-            dict(HAS_BIAS=False, DROPOUT=variant["dropout"], EPI_LOW=epi_low, BLOCK_R=block_r, INPUT_PRECISION=prec)))
+            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype),
+            M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, K, 1, 1.0, *seed, mb),
+            dict(HAS_BIAS=False, DROPOUT=variant["dropout"], EPI_LOW=epi_low, FUSED_SHRINK=False, BLOCK_R=block_r,
+                 INPUT_PRECISION=prec)))
     elif kind == "dy":
         jobs.append(("_lora_dy_kernel", (
             _t(dtype), _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), M, N, R, *dyn, R, 1, R, 1, 2.0, mb),
@@ -163,6 +166,8 @@ def _lora_linear_variants(dtype):
                 out.append(dict(kind="gemm_dx", R=R, prec=prec, dropout=dropout))
             for bias in (False, True):
                 out.append(dict(kind="gemm_fwd", R=R, prec=prec, bias=bias))
+                if R <= 32:  # the launcher fuses the shrink for small ranks without dropout
+                    out.append(dict(kind="gemm_fwd", R=R, prec=prec, bias=bias, fused=True))
             for dxa, db in ((True, True), (True, False), (False, True)):
                 out.append(dict(kind="dy", R=R, prec=prec, dxa=dxa, db=db))
     return out
@@ -182,9 +187,18 @@ def _multi_lora_jobs(ml, dtype, variant, shape):
     kind = variant["kind"]
     exact = dtype == "fp32"
     if kind == "bgmv":
-        return [("_bgmv_fused_kernel", (
-            _t(dtype), _t(dtype), _t(ids), _t("fp32"), _t(ranks), *slices, M, K, L, R, N - 3 * (N // 4), *xs, *ys),
-            dict(HAS_RANKS=variant["has_ranks"]))]
+        dot_fp32 = exact or adt != dtype
+        splits, kps = 8, -(-K // 8)
+        prec = "ieee" if exact else "tf32"
+        return [
+            ("_bgmv_shrink_kernel", (
+                _t("fp32"), _t(dtype), _t(ids), _t(ranks), *slices, M, K, L, R, kps, 16, *xs, splits * M * R, M * R),
+                dict(HAS_RANKS=variant["has_ranks"], DOT_FP32=dot_fp32, PRECISION=prec, BLOCK_M=ml.BGMV_BLOCK_M)),
+            ("_bgmv_expand_kernel", (
+                _t(dtype), _t("fp32"), _t(ids), _t("fp32"), _t(ranks), *slices, M, L, R, N - 3 * (N // 4), splits, 16,
+                *ys, splits * M * R, M * R),
+                dict(HAS_RANKS=variant["has_ranks"], PRECISION=prec, BLOCK_M=ml.BGMV_BLOCK_M)),
+        ]
     bm = variant["block_m"]
     cap, tiles = M, M // bm + L
     if kind == "shrink":
@@ -317,7 +331,7 @@ def _kernel_table(mods):
         cfgs = _configs(k)
         fallback = min(range(len(cfgs)), key=lambda i: cfgs[i][0]["BLOCK_M"])
         table[name] = ("lora_linear", k, cfgs, fallback)
-    for name in ("_bgmv_fused_kernel", "_sgmv_shrink_kernel", "_sgmv_expand_kernel"):
+    for name in ("_bgmv_shrink_kernel", "_bgmv_expand_kernel", "_sgmv_shrink_kernel", "_sgmv_expand_kernel"):
         k = getattr(ml, name)
         table[name] = ("multi_lora", k, _configs(k), None)
     merge_cfgs = []
@@ -534,12 +548,19 @@ def check_results(results):
     * lora_linear (``_prune_by_m``): the configs with BLOCK_M <= 32 are what a decode-sized M keeps (larger M keep
       supersets); one of them must fit, and if there is only one it must fit (the autotuner does not benchmark a
       single config, so it cannot skip it);
-    * any autotuned kernel: of a fully compiled config list, at least one config must fit.
+    * any autotuned kernel: of a fully compiled config list, at least one config must fit;
+    * lora_linear: no register spills in a config the autotuner can pick at M >= LARGE_M (BLOCK_M >=
+      LARGE_M_MIN_BLOCK_M of triton/lora_linear.py).
     """
+    from lora_kernels.triton.lora_linear import LARGE_M_MIN_BLOCK_M
+
     problems = []
     for r in results:
         if not r["ok"]:
             problems.append(f"compile error: {_label(r)}: {r['error']}")
+        elif (r["module"] == "lora_linear" and r["meta"]["BLOCK_M"] >= LARGE_M_MIN_BLOCK_M
+              and (r.get("spill_stores") or r.get("spill_loads"))):
+            problems.append(f"spills {r.get('spill_stores')} B in a large-M config: {_label(r)}")
     groups = {}
     for r in results:
         if r["ok"]:

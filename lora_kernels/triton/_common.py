@@ -15,11 +15,21 @@ from .._backend import triton_interpreting
 INTERPRET = triton_interpreting()
 
 
-def autotune_configs(specs: Sequence[Tuple[dict, int, int]], interpreter_spec: Tuple[dict, int, int]):
+class ConfigList(list):
+    """The configs a kernel autotunes over here, with the GPU list kept as ``.gpu`` (the traffic harness,
+    tests/traffic.py, replays GPU configs under the interpreter)."""
+
+    gpu: list
+
+
+def autotune_configs(specs: Sequence[Tuple[dict, int, int]], interpreter_spec: Tuple[dict, int, int]) -> ConfigList:
     """``triton.Config`` list from (meta-parameters, num_warps, num_stages) entries; under the interpreter only
     ``interpreter_spec`` (autotuning there is very slow and the GPU tile shapes are too big for test shapes)."""
-    chosen = [interpreter_spec] if INTERPRET else specs
-    return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in chosen]
+    gpu = [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in specs]
+    out = ConfigList([triton.Config(dict(interpreter_spec[0]), num_warps=interpreter_spec[1],
+                                    num_stages=interpreter_spec[2])] if INTERPRET else gpu)
+    out.gpu = gpu
+    return out
 
 
 def dropout_args(dropout_p: float, seed: int):

@@ -11,8 +11,12 @@ Semantics are exactly :func:`lora_kernels.reference.lora_linear_fwd_ref` /
                dW0 = dyᵀ·x                          (torch.matmul, only when requested)
 
 Kernels (launch order):
-  forward  ``_lora_shrink_kernel`` -> ``_lora_gemm_kernel``
+  forward  ``_lora_gemm_kernel`` alone for r <= FUSED_SHRINK_MAX_R without dropout (xa = x·Aᵀ computed in its
+           K loop from the x tiles it loads anyway: x is read once); else ``_lora_shrink_kernel`` ->
+           ``_lora_gemm_kernel``
   backward ``_lora_dy_kernel`` -> ``_lora_gemm_kernel`` (dx) -> ``_lora_da_kernel``
+The dx GEMM with dropout forms the masked r-wide term first, in the accumulator the K loop then adds to (one fp32
+tile live, not two). Byte traffic of each path: tests/test_traffic.py.
 
 Dropout: the keep-mask is never stored. Every kernel that needs it regenerates it from
 ``(seed, row of the 2-D x, column)`` with the counter hash of ``reference.dropout_keep_mask`` in uint32
@@ -55,6 +59,9 @@ ENV_FP32_PRECISION = "LORA_KERNELS_FP32_PRECISION"
 # Widest rank chunk held in one tile. Small under the interpreter so that the tests' ranks 64/128 exercise
 # the multi-chunk paths that large ranks (> 128) take on a GPU.
 _MAX_BLOCK_R = 32 if INTERPRET else 128
+# Widest rank whose shrink the forward GEMM computes in its K loop (one extra [BLOCK_M, BLOCK_R] fp32 accumulator,
+# r/BLOCK_N more tensor-core work per tile) instead of a separate shrink kernel that reads x a second time.
+FUSED_SHRINK_MAX_R = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,10 +136,19 @@ DA_CONFIGS = autotune_configs(
 )
 
 
+# From LARGE_M rows on, the autotuner only considers row tiles of at least LARGE_M_MIN_BLOCK_M (the narrow tiles
+# are for decode-sized M: at large M they re-read the weight every 16-32 rows, and some spill registers on Hopper).
+# tests/test_triton_compile.py checks that no config these leave spills.
+LARGE_M = 2048
+LARGE_M_MIN_BLOCK_M = 64
+
+
 def _prune_by_m(configs, named_args, **kwargs):
-    """Drop row tiles far wider than M (decode-sized M would waste most of each tile)."""
-    cap = max(32, int(named_args["m_bucket"]) * 2)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    """Drop row tiles far wider than M (decode-sized M would waste most of each tile), and narrow ones at large M."""
+    m_bucket = int(named_args["m_bucket"])
+    cap = max(32, m_bucket * 2)
+    lo = LARGE_M_MIN_BLOCK_M if m_bucket >= LARGE_M else 0
+    kept = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= cap]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -180,23 +196,45 @@ def _lora_shrink_kernel(
     tl.store(out, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
+@triton.jit
+def _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr, stride_rtn, l_scale,
+               EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + l_scale·L[m-tile, :R]·Rt[:R, n-tile] on tensor cores, the rank in BLOCK_R chunks (masked, never padded
+    in memory). EPI_LOW: L meets Rt in Rt's 16-bit dtype (bf16, where fp32 x bf16 has no MMA); else in fp32."""
+    l_rows = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm
+    rt_cols = rt_ptr + offs_n.to(tl.int64)[None, :] * stride_rtn
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + offs_r
+        r_ok = rr < R
+        lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0) * l_scale
+        rt = tl.load(rt_cols + rr[:, None] * stride_rtr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if EPI_LOW:
+            lt = lt.to(rt.dtype)
+        else:
+            rt = rt.to(tl.float32)
+        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["m_bucket", "N", "K", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT"],
+    key=["m_bucket", "N", "K", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT", "FUSED_SHRINK"],
     prune_configs_by={"early_config_prune": _prune_by_m},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["seed_hash", "threshold"])
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, l_ptr, rt_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, l_ptr, rt_ptr, bias_ptr, sa_ptr,
     M, N, K, R,
     stride_am, stride_ak,
     stride_bk, stride_bn,
     stride_cm, stride_cn,
     stride_lm, stride_lr,
     stride_rtr, stride_rtn,
+    stride_sar, stride_sak,
     l_scale, seed_hash, threshold, keep_scale, m_bucket,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EPI_LOW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EPI_LOW: tl.constexpr, FUSED_SHRINK: tl.constexpr,
     BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -204,6 +242,9 @@ def _lora_gemm_kernel(
     # C[m, n] = Σ_k Aop[m, k]·Bop[k, n] + bias[n] + drop'_{m,n}(l_scale · Σ_j L[m, j]·Rt[j, n]), one store.
     # Forward: Aop = x, Bop = W0ᵀ, L = xa, Rt = Bᵀ (no mask). Backward dx: Aop = dy, Bop = W0, L = dxa,
     # Rt = A, mask regenerated at (m, n). Reads Aop, Bop, L [M, r] fp32, Rt [r, N], bias; writes C.
+    # FUSED_SHRINK (forward, no dropout, R <= BLOCK_R): L is not read but computed in the K loop from the Aop tiles
+    # already loaded, L = Aop·SAᵀ with SA = A [R, K] (x is read once, not again by a shrink kernel), and the
+    # programs of the first column tile store it (xa for the backward).
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -223,7 +264,21 @@ def _lora_gemm_kernel(
     offs_bn = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    m_ok = offs_m < M
+    n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSED_SHRINK:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        sa_ptrs = sa_ptr + offs_r[None, :] * stride_sar + offs_k[:, None] * stride_sak  # SAᵀ tile [BLOCK_K, BLOCK_R]
+        l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DROPOUT:
+        # The masked r-wide term first, in the one accumulator the main loop then adds to: a second full fp32
+        # tile held across the K loop spilled on Hopper's large tiles.
+        acc = _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr, stride_rtn,
+                         l_scale, EPI_LOW, BLOCK_R, INPUT_PRECISION)
+        keep = keep_mask(seed_hash, offs_m, offs_n, threshold)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             at = tl.load(a_ptrs)
@@ -232,34 +287,32 @@ def _lora_gemm_kernel(
             k_left = K - k0
             at = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             bt = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if FUSED_SHRINK:
+            if EVEN_K:
+                st = tl.load(sa_ptrs, mask=r_ok[None, :], other=0.0)
+            else:
+                st = tl.load(sa_ptrs, mask=r_ok[None, :] & (offs_k[:, None] < k_left), other=0.0)
+            l_acc = tl.dot(at, st, l_acc, input_precision=INPUT_PRECISION)
+            sa_ptrs += BLOCK_K * stride_sak
         acc = tl.dot(at, bt, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-
-    # Epilogue: the r-wide LoRA product on tensor cores, rank padded to BLOCK_R (chunks when r > BLOCK_R).
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    l_rows = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm
-    rt_cols = rt_ptr + offs_n.to(tl.int64)[None, :] * stride_rtn
-    offs_r = tl.arange(0, BLOCK_R)
-    if DROPOUT:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + offs_r
-        r_ok = rr < R
-        lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0) * l_scale
-        rt = tl.load(rt_cols + rr[:, None] * stride_rtr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    if FUSED_SHRINK:
+        if pid_n == 0:
+            l_out = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr
+            tl.store(l_out, l_acc, mask=m_ok[:, None] & r_ok[None, :])
+        rt = tl.load(rt_ptr + offs_n.to(tl.int64)[None, :] * stride_rtn + offs_r[:, None] * stride_rtr,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        lt = l_acc * l_scale
         if EPI_LOW:
             lt = lt.to(rt.dtype)
         else:
             rt = rt.to(tl.float32)
-        if DROPOUT:
-            lora = tl.dot(lt, rt, lora, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
-    if DROPOUT:
-        keep = keep_mask(seed_hash, offs_m, offs_n, threshold)
-        acc += tl.where(keep, lora * keep_scale, 0.0)
+        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
+    elif not DROPOUT:
+        # Epilogue: the r-wide LoRA product on tensor cores, rank padded to BLOCK_R (chunks when r > BLOCK_R).
+        acc = _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr, stride_rtn,
+                         l_scale, EPI_LOW, BLOCK_R, INPUT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -454,17 +507,21 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
     dropout, seed_hash, threshold, keep_scale = dropout_args(dropout_p, seed)
     block_r = _block_r(R)
     m_bucket = _m_bucket(M)
+    # x·Aᵀ inside the GEMM's K loop (x read once) for small ranks without dropout; otherwise a shrink kernel first
+    # (the dropout hash would be recomputed by every column tile, and wide ranks would hold a wide extra accumulator).
+    fused = N > 0 and not dropout and R <= min(block_r, FUSED_SHRINK_MAX_R)
     with _device_ctx(x):
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
-        _lora_shrink_kernel[grid](
-            x, lora_a, xa,
-            M, K, R,
-            x.stride(0), x.stride(1),
-            lora_a.stride(0), lora_a.stride(1),
-            xa.stride(0), xa.stride(1),
-            seed_hash, threshold, keep_scale, m_bucket,
-            DROPOUT=dropout, BLOCK_R=block_r, INPUT_PRECISION=precision,
-        )
+        if not fused:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
+            _lora_shrink_kernel[grid](
+                x, lora_a, xa,
+                M, K, R,
+                x.stride(0), x.stride(1),
+                lora_a.stride(0), lora_a.stride(1),
+                xa.stride(0), xa.stride(1),
+                seed_hash, threshold, keep_scale, m_bucket,
+                DROPOUT=dropout, BLOCK_R=block_r, INPUT_PRECISION=precision,
+            )
         if N > 0:
             _launch_gemm(
                 x, weight, y, xa, lora_b, bias,
@@ -472,25 +529,29 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
                 stride_b=(weight.stride(1), weight.stride(0)),  # Bop[k, n] = W0[n, k]
                 stride_rt=(lora_b.stride(1), lora_b.stride(0)),  # Rt[j, n] = B[n, j]
                 l_scale=float(scale), dropout=(False, 0, 0, 1.0), precision=precision,
-                block_r=block_r, m_bucket=m_bucket,
+                block_r=block_r, m_bucket=m_bucket, shrink_a=lora_a if fused else None,
             )
     return y, xa
 
 
-def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_scale, dropout, precision, block_r, m_bucket):
+def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_scale, dropout, precision, block_r, m_bucket,
+                 shrink_a=None):
+    """``shrink_a``: A [R, K] for FUSED_SHRINK (then ``l`` is the xa output, written by the kernel)."""
     drop, seed_hash, threshold, keep_scale = dropout
+    sa = shrink_a if shrink_a is not None else rt
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lora_gemm_kernel[grid](
-        a, b, c, l, rt, bias if bias is not None else c,
+        a, b, c, l, rt, bias if bias is not None else c, sa,
         M, N, K, R,
         a.stride(0), a.stride(1),
         stride_b[0], stride_b[1],
         c.stride(0), c.stride(1),
         l.stride(0), l.stride(1),
         stride_rt[0], stride_rt[1],
+        sa.stride(0), sa.stride(1),
         l_scale, seed_hash, threshold, keep_scale, m_bucket,
         HAS_BIAS=bias is not None, DROPOUT=drop, EPI_LOW=(c.dtype == torch.bfloat16),
-        BLOCK_R=block_r, INPUT_PRECISION=precision,
+        FUSED_SHRINK=shrink_a is not None, BLOCK_R=block_r, INPUT_PRECISION=precision,
     )
 
 

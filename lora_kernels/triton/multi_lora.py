@@ -7,9 +7,12 @@ Semantics (see ``reference.add_lora_ref``), in place on y::
 Two strategies, picked by :func:`choose_strategy` (override with ``strategy=`` or the env var
 ``LORA_KERNELS_MULTI_LORA_STRATEGY`` = ``bgmv`` | ``sgmv`` | ``auto``):
 
-* ``bgmv`` (decode): ONE launch, one program per (token, N-block, slice). Each program computes its token's
-  r-wide ``xa`` (fp32, GEMV over K) and immediately expands it into its N-block, so there is no xa buffer and
-  no second launch; the price is that ``xa`` is recomputed once per N-block (A is re-read from L2).
+* ``bgmv`` (decode): tiles of 16 tokens in arrival order, no batch metadata. Launch 1 (shrink) splits K over
+  programs (token tile, K-split, slice) and writes fp32 partial sums of ``xa``; launch 2 (expand) sums the
+  partials in a fixed order and adds ``scale · xa · Bᵀ`` over (token tile, N-block, slice). Inside a tile both
+  loop over the tile's distinct adapters, so each adapter's A and B are read once per tile that uses it — not
+  once per token and per N-block (the fused one-launch kernel this replaced re-read A 8-112x the byte floor at
+  M <= 16; tests/test_traffic.py holds the ceilings).
 * ``sgmv`` (prefill): tokens grouped by adapter (``LoRABatchMeta``: stable sorted-token indirection and a
   fixed-capacity tile table of (adapter, start, end) segments of at most BLOCK_M tokens). Launch 1 (shrink)
   writes ``xa`` into an fp32 [S, capacity, r_max] buffer with ``tl.dot`` tiles over (tile, rank-block, slice);
@@ -33,15 +36,22 @@ import triton
 import triton.language as tl
 
 from ..ops.multi_lora import LoRABatchMeta
-from ._common import autotune_configs
+from ._common import INTERPRET, autotune_configs
 
 STRATEGY_ENV = "LORA_KERNELS_MULTI_LORA_STRATEGY"
 STRATEGIES = ("bgmv", "sgmv")
 MAX_SLICES = 4  # slices handled per launch; more slices are processed in groups of MAX_SLICES
 
-# BGMV (decode) is chosen when M * r_max <= this. The fused kernel re-reads A[i] (K·r elements) once per
-# N-block per token, so its L2 traffic grows like M·r·K·(N/BLOCK_N) while SGMV reads each adapter once plus an
-# fp32 xa round trip and pays a second launch. Provisional threshold: tune with benchmarks/bench_multi_lora.py.
+# Decode (bgmv) token tile, and how the decode shrink splits K: at least BGMV_MIN_K_SPLIT columns per program
+# (small under the interpreter so that the tests' small K still exercise several splits), at most BGMV_MAX_SPLITS.
+BGMV_BLOCK_M = 16
+BGMV_MIN_K_SPLIT_GPU = 512
+BGMV_MIN_K_SPLIT = 64 if INTERPRET else BGMV_MIN_K_SPLIT_GPU
+BGMV_MAX_SPLITS = 8
+
+# BGMV (decode) is chosen when M * r_max <= this (untuned: needs GPU measurements). The decode kernels read each
+# adapter's A and B once per 16-token tile that uses it and need no batch metadata; SGMV reads them once per
+# BLOCK_M-token segment of sorted tokens, which pays off when many tokens share an adapter.
 BGMV_MAX_TOKENS_X_RANK = 256
 
 
@@ -69,14 +79,24 @@ def choose_strategy(num_tokens: int, num_adapters: int, r_max: int, strategy: Op
 # ----------------------------------------------------------------------------------------------
 
 # Hopper and Ampere alike: these kernels are bandwidth-bound GEMV / skinny GEMMs, so the space is small.
-_BGMV_CONFIGS = autotune_configs(
+# Decode: token tiles of BGMV_BLOCK_M; the shrink is split over K (K_PER_SPLIT columns per program).
+_BGMV_SHRINK_CONFIGS = autotune_configs(
     [
-        (dict(BLOCK_N=256, BLOCK_K=128, BLOCK_R=16), 4, 2),
-        (dict(BLOCK_N=512, BLOCK_K=128, BLOCK_R=16), 8, 2),
-        (dict(BLOCK_N=128, BLOCK_K=256, BLOCK_R=16), 4, 2),
-        (dict(BLOCK_N=256, BLOCK_K=64, BLOCK_R=32), 4, 3),
+        (dict(BLOCK_K=128, BLOCK_R=16), 4, 3),
+        (dict(BLOCK_K=256, BLOCK_R=16), 4, 2),
+        (dict(BLOCK_K=64, BLOCK_R=32), 4, 4),
+        (dict(BLOCK_K=128, BLOCK_R=64), 8, 2),
     ],
-    (dict(BLOCK_N=64, BLOCK_K=32, BLOCK_R=16), 1, 1),
+    (dict(BLOCK_K=32, BLOCK_R=16), 1, 1),
+)
+_BGMV_EXPAND_CONFIGS = autotune_configs(
+    [
+        (dict(BLOCK_N=128, BLOCK_R=16), 4, 2),
+        (dict(BLOCK_N=256, BLOCK_R=16), 4, 2),
+        (dict(BLOCK_N=64, BLOCK_R=32), 4, 3),
+        (dict(BLOCK_N=128, BLOCK_R=64), 8, 2),
+    ],
+    (dict(BLOCK_N=32, BLOCK_R=16), 1, 1),
 )
 _SHRINK_CONFIGS = autotune_configs(
     [
@@ -138,56 +158,113 @@ def _adapter_rank(ranks_ptr, i, R_MAX, HAS_RANKS: tl.constexpr):
     return rank
 
 
-@triton.autotune(configs=_BGMV_CONFIGS, key=["N_MAX", "K", "R_MAX"], restore_value=["y_ptr"])
+@triton.jit
+def _next_adapter(ids):
+    """The smallest adapter id left in the tile's id vector (L, the "done" mark, when none is left)."""
+    return tl.min(ids, axis=0)
+
+
+@triton.autotune(configs=_BGMV_SHRINK_CONFIGS, key=["K", "R_MAX", "M_BUCKET", "DOT_FP32"])
 @triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "M"])
-def _bgmv_fused_kernel(
-    y_ptr, x_ptr, ids_ptr, scales_ptr, ranks_ptr,
+def _bgmv_shrink_kernel(
+    part_ptr, x_ptr, ids_ptr, ranks_ptr,
     a0, a1, a2, a3, b0, b1, b2, b3, n0, n1, n2, n3,
-    M, K, L, R_MAX, N_MAX,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    HAS_RANKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    M, K, L, R_MAX, K_PER_SPLIT, M_BUCKET,
+    stride_xm, stride_xk, stride_ps, stride_pk,
+    HAS_RANKS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # Decode: program (t, n-block, slice) computes xa = x[t]·A_s[i, :rank]ᵀ (fp32, GEMV over K) one rank-block at
-    # a time and expands it at once: y[t, col+n-block] += scales[i]·xa·B_s[i, n-block, :rank]ᵀ.
-    # Reads x[t], A_s[i, :rank], B_s[i, n-block, :rank], scales/ranks[i], y[t, n-block]; writes y[t, n-block].
-    t = tl.program_id(0).to(tl.int64)
+    # Decode shrink, split over K: program (token tile, k-split, slice) writes the partial sums
+    # part[s, split, t, :rank_i] = Σ_{k in split} x[t, k]·A_s[i, :rank_i, k] for every token t of the tile, looping
+    # over the distinct adapters i of the tile, so each A_s[i] column block is read once per tile (not per token,
+    # not per N-block). Reads ids, ranks, x rows, A_s; writes part (fp32 [S, splits, M, R_MAX]; rows with no
+    # adapter and ranks past rank_i are left unwritten).
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    a_ptr, b_ptr, n_s, col = _slice_params(pid_s, a0, a1, a2, a3, b0, b1, b2, b3, n0, n1, n2, n3)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ids = tl.load(ids_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
+    ids = tl.where(m_ok & (ids >= 0) & (ids < L), ids, L)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    p_rows = part_ptr + pid_s * stride_ps + pid_k * stride_pk + offs_m.to(tl.int64)[:, None] * R_MAX
+    cur = _next_adapter(ids)
+    while cur < L:
+        sel = ids == cur
+        rank = _adapter_rank(ranks_ptr, cur, R_MAX, HAS_RANKS)
+        a_base = a_ptr + cur.to(tl.int64) * R_MAX * K
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < k_hi
+                xv = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=sel[:, None] & k_ok[None, :], other=0.0)
+                av = tl.load(a_base + offs_r[None, :] * K + offs_k[:, None], mask=r_ok[None, :] & k_ok[:, None],
+                             other=0.0)
+                if DOT_FP32:
+                    acc = tl.dot(xv.to(tl.float32), av.to(tl.float32), acc, input_precision=PRECISION)
+                else:
+                    acc = tl.dot(xv, av.to(xv.dtype), acc)
+            tl.store(p_rows + offs_r[None, :], acc, mask=sel[:, None] & r_ok[None, :])
+        ids = tl.where(sel, L, ids)
+        cur = _next_adapter(ids)
+
+
+@triton.autotune(configs=_BGMV_EXPAND_CONFIGS, key=["N_MAX", "R_MAX", "M_BUCKET"], restore_value=["y_ptr"])
+@triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "M"])
+def _bgmv_expand_kernel(
+    y_ptr, part_ptr, ids_ptr, scales_ptr, ranks_ptr,
+    a0, a1, a2, a3, b0, b1, b2, b3, n0, n1, n2, n3,
+    M, L, R_MAX, N_MAX, SPLITS, M_BUCKET,
+    stride_ym, stride_yn, stride_ps, stride_pk,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Decode expand: program (token tile, n-block, slice) sums the K-split partials of xa (fixed order: the result
+    # is deterministic) and adds scales[i]·xa[t, :rank_i]·B_s[i, n-block, :rank_i]ᵀ into y[t, col + n-block], with
+    # fp32 accumulation and one rounding, looping over the tile's distinct adapters (each B_s[i] block read once
+    # per tile). Reads ids, scales, ranks, part, B_s, y rows with an adapter; writes those y rows.
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     a_ptr, b_ptr, n_s, col = _slice_params(pid_s, a0, a1, a2, a3, b0, b1, b2, b3, n0, n1, n2, n3)
     if pid_n * BLOCK_N >= n_s:
         return
-    i = tl.load(ids_ptr + t).to(tl.int32)
-    if (i < 0) | (i >= L):
-        return
-    rank = _adapter_rank(ranks_ptr, i, R_MAX, HAS_RANKS)
-    i = i.to(tl.int64)
-    scale = tl.load(scales_ptr + i).to(tl.float32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ids = tl.load(ids_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
+    ids = tl.where(m_ok & (ids >= 0) & (ids < L), ids, L)
+    active = ids < L
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_s
-    a_base = a_ptr + i * R_MAX * K
-    b_base = b_ptr + i * n_s * R_MAX
-    x_row = x_ptr + t * stride_xm
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        xa = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            xv = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-            av = tl.load(
-                a_base + offs_r[:, None] * K + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
-            ).to(tl.float32)
-            xa += tl.sum(av * xv[None, :], axis=1)
-        bv = tl.load(
-            b_base + offs_n[:, None] * R_MAX + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0
-        ).to(tl.float32)
-        acc += tl.sum(bv * xa[None, :], axis=1)
-    y_ptrs = y_ptr + t * stride_ym + (col + offs_n) * stride_yn
-    y_old = tl.load(y_ptrs, mask=n_mask, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=n_mask)
+    n_ok = offs_n < n_s
+    p_rows = part_ptr + pid_s * stride_ps + offs_m.to(tl.int64)[:, None] * R_MAX
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    cur = _next_adapter(ids)
+    while cur < L:
+        sel = ids == cur
+        rank = _adapter_rank(ranks_ptr, cur, R_MAX, HAS_RANKS)
+        scale = tl.load(scales_ptr + cur).to(tl.float32)
+        b_base = b_ptr + cur.to(tl.int64) * n_s * R_MAX
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            xa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for sp in range(0, SPLITS):
+                xa += tl.load(p_rows + sp * stride_pk + offs_r[None, :], mask=sel[:, None] & r_ok[None, :], other=0.0)
+            bv = tl.load(b_base + offs_n[None, :] * R_MAX + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(xa * scale, bv.to(tl.float32), acc, input_precision=PRECISION)
+        ids = tl.where(sel, L, ids)
+        cur = _next_adapter(ids)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (col + offs_n)[None, :] * stride_yn
+    mask = active[:, None] & n_ok[None, :]
+    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
 
 
 @triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R_MAX", "BLOCK_M"])
@@ -315,6 +392,18 @@ def _slice_args(group):
     return (*a, *b, *n)
 
 
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Scratch buffer the kernels write before reading (tests replace this to poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _k_per_split(K: int) -> int:
+    """Columns of x per decode-shrink program: a multiple of BGMV_MIN_K_SPLIT (itself a multiple of every
+    config's BLOCK_K), with at most BGMV_MAX_SPLITS splits (the expand reads every split's partial xa once per
+    N-block)."""
+    return triton.cdiv(triton.cdiv(K, BGMV_MAX_SPLITS), BGMV_MIN_K_SPLIT) * BGMV_MIN_K_SPLIT
+
+
 def _precisions(x: torch.Tensor, a: torch.Tensor):
     """(shrink uses fp32 dot?, shrink precision, expand precision). fp32 data gets exact IEEE dots; 16-bit data
     multiplies natively in the shrink and uses tf32 for the fp32-xa expand (xa keeps 10 mantissa bits, more than
@@ -358,14 +447,28 @@ def add_lora_triton(
     n_max = max(b.shape[1] for b in lora_b)
 
     if strat == "bgmv":
+        dot_fp32, shrink_prec, expand_prec = _precisions(x, lora_a[0])
+        k_per_split = _k_per_split(K)
+        splits = triton.cdiv(K, k_per_split)
+        m_tiles = triton.cdiv(M, BGMV_BLOCK_M)
+        m_bucket = min(triton.next_power_of_2(M), 1 << 12)
         for col, group in _slice_groups(lora_a, lora_b):
             y_g = y[:, col:]
-            grid = lambda META: (M, triton.cdiv(n_max, META["BLOCK_N"]), len(group))  # noqa: E731
-            _bgmv_fused_kernel[grid](
-                y_g, x, adapter_ids, scales, ranks_arg, *_slice_args(group),
-                M, K, L, r_max, n_max,
-                x.stride(0), x.stride(1), y_g.stride(0), y_g.stride(1),
-                HAS_RANKS=has_ranks,
+            S = len(group)
+            args = _slice_args(group)
+            part = _alloc((S, splits, M, r_max), torch.float32, x.device)
+            _bgmv_shrink_kernel[(m_tiles, splits, S)](
+                part, x, adapter_ids, ranks_arg, *args,
+                M, K, L, r_max, k_per_split, m_bucket,
+                x.stride(0), x.stride(1), part.stride(0), part.stride(1),
+                HAS_RANKS=has_ranks, DOT_FP32=dot_fp32, PRECISION=shrink_prec, BLOCK_M=BGMV_BLOCK_M,
+            )
+            grid = lambda META: (m_tiles, triton.cdiv(n_max, META["BLOCK_N"]), S)  # noqa: E731
+            _bgmv_expand_kernel[grid](
+                y_g, part, adapter_ids, scales, ranks_arg, *args,
+                M, L, r_max, n_max, splits, m_bucket,
+                y_g.stride(0), y_g.stride(1), part.stride(0), part.stride(1),
+                HAS_RANKS=has_ranks, PRECISION=expand_prec, BLOCK_M=BGMV_BLOCK_M,
             )
         return
 
@@ -379,7 +482,7 @@ def add_lora_triton(
     for col, group in _slice_groups(lora_a, lora_b):
         y_g = y[:, col:]
         S = len(group)
-        xa = torch.empty((S, capacity, r_max), dtype=torch.float32, device=x.device)
+        xa = _alloc((S, capacity, r_max), torch.float32, x.device)
         args = _slice_args(group)
         shrink_grid = lambda META: (num_tiles, triton.cdiv(r_max, META["BLOCK_R"]), S)  # noqa: E731
         _sgmv_shrink_kernel[shrink_grid](
