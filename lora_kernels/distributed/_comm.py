@@ -16,12 +16,19 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as _fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["all_gather_cols", "reduce_scatter_cols", "all_reduce_", "CollectiveBytes", "CollectiveCall"]
+__all__ = ["all_gather_cols", "reduce_scatter_cols", "all_reduce", "CollectiveBytes", "CollectiveCall"]
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Functional collectives (torch.distributed._functional_collectives): the same c10d collectives, but traceable by
+# torch.compile; in eager they return a tensor that waits for the collective on first use.
+_fc_all_gather = getattr(_fc, "all_gather_single", None) or _fc.all_gather_tensor
+_fc_reduce_scatter = getattr(_fc, "reduce_scatter_single", None) or _fc.reduce_scatter_tensor
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return _fc.wait_tensor(t)
 
 
 def all_gather_cols(t: torch.Tensor, group) -> torch.Tensor:
@@ -30,8 +37,7 @@ def all_gather_cols(t: torch.Tensor, group) -> torch.Tensor:
     if p == 1:
         return t
     M, c = t.shape
-    out = torch.empty((p * M, c), dtype=t.dtype, device=t.device)
-    _all_gather_single(out, t.contiguous(), group=group)
+    out = _wait(_fc_all_gather(t.contiguous(), 0, group))  # [p·M, c]
     return out.view(p, M, c).permute(1, 0, 2).reshape(M, p * c)
 
 
@@ -43,15 +49,13 @@ def reduce_scatter_cols(t: torch.Tensor, group) -> torch.Tensor:
     M, pc = t.shape
     c = pc // p
     inp = t.reshape(M, p, c).permute(1, 0, 2).reshape(p * M, c)  # rows [i·M, (i+1)·M) go to rank i
-    out = torch.empty((M, c), dtype=t.dtype, device=t.device)
-    _reduce_scatter_single(out, inp, group=group)
-    return out
+    return _wait(_fc_reduce_scatter(inp, "sum", 0, group))
 
 
-def all_reduce_(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum over ranks, in place; returns t (contiguous)."""
+def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ranks; returns the sum (a new tensor: functional collectives do not write their input)."""
     if dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+        t = _wait(_fc.all_reduce(t, "sum", group))
     return t
 
 

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .. import reference as ref
 from .._checks import LoRAInputError
-from ._comm import all_gather_cols, all_reduce_, reduce_scatter_cols
+from ._comm import all_gather_cols, all_reduce, reduce_scatter_cols
 
 __all__ = ["register", "keep_mask_window", "FIX_MIXED"]
 
@@ -216,7 +216,7 @@ _SEED_CHECKED = set()
 def _check_seed_once(seed: int, p: float, mesh) -> None:
     """First dropout call on a group: warn if the ranks drew different seeds (results would then differ from a
     single-process run; they stay a consistent forward/backward pair either way). One 8-byte all-gather, once."""
-    if p == 0.0:
+    if p == 0.0 or torch.compiler.is_compiling():
         return
     key = id(mesh.get_group(0))
     if key in _SEED_CHECKED:
@@ -311,7 +311,7 @@ def _lora_linear_fwd_rule(op, args, kwargs):
     _check_all_dtensor("lora_linear", named)
     mesh = _mesh_of("lora_linear", list(named.values()))
     s, p, backend = float(v["scale"]), float(v["dropout_p"]), v["backend"]
-    seed = _seed_of(v)
+    seed = _seed_of(v) if p > 0.0 else 0  # (no host read of a seed tensor when there is no dropout)
     scheme = _scheme(W, A, B, bias)
     if scheme is None:
         raise _layout_error("lora_linear", named)
@@ -368,7 +368,7 @@ def _lora_linear_fwd_rule(op, args, kwargs):
     xa = _drop(xl, p, seed, 0, k0, _keep_local(v, Shard(1))).to(acc) @ Al.to(acc).t()  # partial over ranks
     y = torch.nn.functional.linear(xl, Wl, bl if me == 0 else None)  # the bias enters the partial sum once
     if scheme == "rowwise":
-        all_reduce_(xa, group)  # the r-wide collective
+        xa = all_reduce(xa, group)  # the r-wide collective
         n0, n1 = _shard_range(N, mesh)
         y[:, n0:n1] = (y[:, n0:n1].to(acc) + s * (xa @ Bl.to(acc).t())).to(y.dtype)
         xa_pl = Replicate()
@@ -392,7 +392,7 @@ def _lora_linear_bwd_rule(op, args, kwargs):
     _check_all_dtensor("lora_linear (backward)", named)
     mesh = _mesh_of("lora_linear (backward)", list(named.values()))
     s, p, backend = float(v["scale"]), float(v["dropout_p"]), v["backend"]
-    seed = _seed_of(v)
+    seed = _seed_of(v) if p > 0.0 else 0  # (no host read of a seed tensor when there is no dropout)
     mask = [bool(m) for m in v["output_mask"]]
     scheme = _scheme(W, A, B, None)
     if scheme is None:
@@ -453,7 +453,7 @@ def _lora_linear_bwd_rule(op, args, kwargs):
         dy_own = dyl[:, n0:n1]
         dxa = None
         if mask[0] or mask[1]:
-            dxa = all_reduce_(s * (dy_own.to(acc) @ Bl.to(acc)), group)  # [M, r]: the r-wide collective
+            dxa = all_reduce(s * (dy_own.to(acc) @ Bl.to(acc)), group)  # [M, r]: the r-wide collective
         dx, da, _, dw = _bwd_local_math(dyl, xl, xal, Wl, Al, Bl, s, p, seed, [mask[0], mask[1], False, mask[3]], 0, k0,
                                         dxa=dxa, keep=keep)
         db = (s * (dy_own.to(acc).t() @ xal.to(acc))).to(Bl.dtype) if mask[2] else None

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .._checks import LoRAInputError
 from ..functional import add_lora, lora_expand_, lora_shrink
-from ._comm import all_gather_cols, all_reduce_
+from ._comm import all_gather_cols, all_reduce
 
 __all__ = ["ShardedAdapterSlots"]
 
@@ -252,7 +252,7 @@ class ShardedAdapterSlots:
             return y
         parts = [lora_shrink(x, a, adapter_ids, 1.0, self.ranks, backend=backend) for a in self.lora_a]
         xa = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # partial [M, S·r_max]
-        all_reduce_(xa, self.group)  # the layer's one collective
+        xa = all_reduce(xa, self.group)  # the layer's one collective
         for s, (b, c) in enumerate(zip(self.lora_b, cols)):
             lora_expand_(y, xa[:, s * self.r_max:(s + 1) * self.r_max], b, adapter_ids, self.scales, self.ranks,
                          col_offset=c.start, backend=backend)
