@@ -82,7 +82,7 @@ def _peft_layer(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, p: float, dty
     return layer
 
 
-def layer_cell(dtype, p: float, M: int, backend: Optional[str], rounds: int) -> Dict[str, dict]:
+def layer_cell(dtype, p: float, M: int, backend: Optional[str], rounds: int, max_s: Optional[float] = None) -> Dict[str, dict]:
     """Both modes of one (dtype, p, M) cell: {mode: {variant: samples µs, ...}}."""
     import lora_kernels as lk
 
@@ -119,7 +119,7 @@ def layer_cell(dtype, p: float, M: int, backend: Optional[str], rounds: int) -> 
     }
     out = {}
     for mode, f in fns.items():
-        out[mode] = interleaved(f, rounds=rounds, warmup=1, target_s=0.0)
+        out[mode] = interleaved(f, rounds=rounds, warmup=1, target_s=0.0, max_s=max_s)
     return out
 
 
@@ -219,6 +219,10 @@ def fmt_ratio(d: dict) -> str:
     return f"{d['median']:.2f} [{d['min']:.2f}–{d['max']:.2f}]" + (" noise" if d["noise"] else "")
 
 
+def _fmt_load(v) -> str:
+    return "/".join(f"{x:.1f}" for x in v) if v else "?"
+
+
 def markdown(res: dict) -> str:
     meta = res["meta"]
     lines = [
@@ -226,13 +230,16 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {meta['cpu']} ({meta['logical_cpus']} logical CPUs), {meta['threads']} torch thread, "
         f"timer: {meta['timer']}. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + f"; git {meta['git']}.",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.0f} min). Load average (1/5/15 min) at start "
+        f"{_fmt_load(meta.get('load_average_at_start'))}, at end {_fmt_load(meta.get('load_average_at_end'))}: other "
+        "processes shared the cores, which thread CPU time does not count but their cache and memory traffic does.",
         "",
         "Ours ÷ PEFT, median of per-round ratios [min–max over rounds]; < 1 means ours is faster. "
         "'noise' = the middle half of the ratios straddles 1.0 or spans > 10 %.",
     ]
     if res.get("layer"):
-        lines += ["", f"## One layer, K = N = {K}, r = {R}, no bias ({meta['rounds']} rounds per cell)", ""]
+        lines += ["", f"## One layer, K = N = {K}, r = {R}, no bias (up to {meta['rounds']} rounds per cell, "
+                  f"at least 5; rounds actually run are in the JSON)", ""]
         Ms = sorted({c["M"] for c in res["layer"]})
         lines.append("| case | " + " | ".join(f"M={m}" for m in Ms) + " |")
         lines.append("|---|" + "---|" * len(Ms))
@@ -275,8 +282,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--dropouts", default="0,0.1")
     ap.add_argument("--M", default="256,1024,2048")
-    ap.add_argument("--rounds", type=int, default=9, help="rounds per layer cell")
-    ap.add_argument("--llama-rounds", type=int, default=41)
+    ap.add_argument("--rounds", type=int, default=25, help="rounds per layer cell (at most)")
+    ap.add_argument("--max-cell-s", type=float, default=60.0,
+                    help="stop a layer cell's rounds after this many CPU seconds (at least 5 rounds)")
+    ap.add_argument("--llama-rounds", type=int, default=61)
     ap.add_argument("--overhead-rounds", type=int, default=25)
     ap.add_argument("--backend", default="torch", help="lora_kernels backend for ours ('auto' = resolve per call)")
     ap.add_argument("--out", default=None)
@@ -298,6 +307,8 @@ def main(argv=None) -> int:
             "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
             "backend": a.backend,
             "rounds": a.rounds,
+            "max_cell_s": a.max_cell_s,
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "shape": {"K": K, "N": N, "r": R, "scale": SCALE, "bias": False},
         }
     }
@@ -307,7 +318,7 @@ def main(argv=None) -> int:
         for dname in a.dtypes.split(","):
             for p in (float(v) for v in a.dropouts.split(",")):
                 for M in (int(v) for v in a.M.split(",")):
-                    s = layer_cell(DTYPES[dname], p, M, backend, a.rounds)
+                    s = layer_cell(DTYPES[dname], p, M, backend, a.rounds, a.max_cell_s)
                     cell = {"dtype": dname, "dropout": p, "M": M, "modes": {}}
                     for mode, samp in s.items():
                         cell["modes"][mode] = {"peft": _summ(samp["peft"]), "ours": _summ(samp["ours"]),
@@ -334,6 +345,8 @@ def main(argv=None) -> int:
         base = res["overhead"]["stats"]["nn.Linear"]["median"]
         for k, st in res["overhead"]["stats"].items():
             print(f"overhead {k:15s} {st['median']:8.1f} µs [{st['min']:.1f}–{st['max']:.1f}]  (+{st['median'] - base:.1f} vs nn.Linear)")
+    res["meta"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    res["meta"]["wall_s"] = time.time() - t_start
     md = markdown(res)
     print()
     print(md)

@@ -19,23 +19,29 @@ Numerics, by dtype:
 * fp64 and fp32: every product in the input precision; ``addmm_`` accumulates the LoRA term straight into y
   (and dxa·A into dx) inside the GEMM, so y and dx are the base result rounded, then rounded again after the
   r-wide term is added (the reference, in fp32, rounds each op the same way).
-* bf16 / fp16: the base GEMMs (x·W0ᵀ + bias, dy·W0) run in the 16-bit dtype with fp32 accumulation and are
-  rounded once by the GEMM; the LoRA term is formed in fp32 (xa, dxa·A) and added in fp32, and the sum is rounded
+* bf16 / fp16: the base GEMMs (x·W0ᵀ + bias, dy·W0) run in the 16-bit dtype, accumulated as torch's GEMM does for
+  nn.Linear (fp32 on the CPU), and are rounded once by the GEMM; the LoRA term is formed in fp32 (xa, dxa·A) and added in fp32, and the sum is rounded
   again: **y and dx are rounded twice** (the reference rounds once), at most half an ulp of extra error, as in the
   CUDA backend. xa, dxa, dA, dB are fp32 products of the 16-bit inputs (upcast block by block), rounded once to the
-  parameter dtype at the end. The column block of x (or dy) upcast to fp32 is at most ``_BLOCK_ELEMS`` elements on
-  the CPU, so no M×K fp32 copy of x is made.
+  parameter dtype at the end. On the CPU the row block of x (or dy) upcast to fp32 is at most ``_BLOCK_ELEMS``
+  elements, so no M×K fp32 copy of x is made.
 * ``drop(x)·Aᵀ`` is computed as ``((x ∘ keep)·Aᵀ) · 1/(1−p)`` (the mask zeroes exactly, the 1/(1−p) is applied to the
   r-wide product instead of to every element of x); same value as the reference's up to fp32 rounding.
 
-Dropout mask: the reference's counter hash (``reference.dropout_keep_mask``), evaluated here in int32 arithmetic
-(multiplication wraps modulo 2^32 like uint32; logical right shifts are arithmetic shifts masked to the low bits;
-the unsigned threshold test is a signed comparison after flipping the sign bit), bit for bit the same mask as the
-reference, Triton and CUDA, in row blocks whose int32 temporaries stay in cache on the CPU, as uint8 0/1. In
-training (a gradient needs it) the autograd function has it hashed once per step (:func:`lora_dropout_keep_torch`,
-op ``lora_dropout_keep``) and saves it for the backward: M×K bytes, i.e. less than what PEFT's ``nn.Dropout`` +
-``lora_A`` save (a bool mask plus the dropped x). Without a saved mask (inference, or a direct call of the
-backward) each launcher hashes it itself, block by block; the backward then hashes it once for dA and dx.
+Dropout mask: the reference's counter hash (``reference.dropout_keep_mask``) in 32-bit arithmetic, bit for bit the
+same mask as the reference, Triton and CUDA, as uint8 0/1 (multiplying by it is exact). On the CPU it runs in numpy
+uint32 (native wrap-around multiplication and logical shifts; a numpy call costs about a µs where a torch op costs
+several, which is most of the mask's cost at small sizes); on other devices in torch int32 ops (multiplication wraps
+modulo 2^32 like uint32, a logical right shift is the arithmetic one masked to the low bits, the unsigned threshold
+test is a signed comparison after flipping the sign bit). Both work in row blocks whose 32-bit temporaries stay in
+cache. In training (when dx or dA needs the mask) the autograd function has it hashed once per step
+(:func:`lora_dropout_keep_torch`, op ``lora_dropout_keep``) and saves it for the backward: M×K bytes, less than what
+PEFT's ``nn.Dropout`` + ``lora_A`` keep (a bool mask plus the dropped x). Without a saved mask (inference, or a
+direct call of a launcher) each launcher hashes it itself, block by block; the backward then hashes it once for dA
+and dx together.
+
+Small inputs (M·max(K, N) up to ``_BLOCK_ELEMS``) and every non-CPU device take one block: whole-tensor ops, no
+slicing; on a GPU the 16-bit paths then upcast x (or dy) to fp32 whole, as a transient temporary.
 
 On the CPU, when oneDNN has no kernel for the 16-bit dtype (no AVX512-BF16 / AMX / AVX512-FP16), torch's fallback
 GEMM is several times faster for ``dy·W0`` with dy in column-major order: the backward then copies dy (M×N, an
