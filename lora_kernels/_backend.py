@@ -13,8 +13,10 @@ while tracing; ``lora_kernels.load_extension()`` does it explicitly.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -106,9 +108,18 @@ def _prepare(backend: str, op: str, tensors: List[torch.Tensor]) -> None:
         _ext.load()
 
 
+def _register_dtensor_rules(tensors: List[torch.Tensor]) -> None:
+    """DTensor inputs run through lora_kernels.distributed's rules, registered when that package is imported: do it
+    on first sight of a DTensor (``import lora_kernels`` itself never imports torch.distributed)."""
+    dt = sys.modules.get("torch.distributed.tensor")
+    if dt is not None and "lora_kernels.distributed" not in sys.modules and any(isinstance(t, dt.DTensor) for t in tensors):
+        importlib.import_module("lora_kernels.distributed")
+
+
 def resolve_backend(op: str, *tensors: Optional[torch.Tensor], backend: Optional[str] = None) -> str:
     """Pick the backend for public op ``op`` on ``tensors``: argument > ``LORA_KERNELS_BACKEND`` > auto."""
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    _register_dtensor_rules(ts)
     requested = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
     if requested is not None:
         requested = requested.lower()

@@ -4,8 +4,8 @@
 The interpreter tests (``TRITON_INTERPRET=1``) never run Triton's GPU compiler, so they cannot see a kernel that
 fails to lower for a real GPU (``tl.dot`` operand-type rules for bf16/fp16/fp32 and ``input_precision``, layouts of
 small tiles, uint32 arithmetic, atomics, shared memory per config). This harness compiles the kernels of
-``lora_kernels/triton/{lora_linear,multi_lora,merge,quant_linear}.py`` all the way to a cubin (Triton's bundled ptxas) for
-sm_90 (H100) and sm_80 (A100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``.
+``lora_kernels/triton/{lora_linear,multi_lora,merge,quant_linear,shrink_expand}.py`` all the way to a cubin
+(Triton's bundled ptxas) for sm_90 (H100) and sm_80 (A100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``.
 
 How: one subprocess runs this file as a script with ``TRITON_INTERPRET=0`` (the kernel modules read that variable
 at import to pick their GPU config lists, and ``@triton.jit`` only builds real ``JITFunction`` objects with the
@@ -132,17 +132,19 @@ def _lora_linear_jobs(ll, dtype, variant, shape):
     elif kind == "gemm_fwd":
         # FUSED_SHRINK: SA = A [r, K] (the shrink in the K loop), L = xa written by the kernel
         jobs.append(("_lora_gemm_kernel", (
-            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype),
-            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, K, 1, 2.0, 0, 0, 1.0, mb),
+            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("fp32"),
+            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, K, 1, R, 1, 2.0, 1.0, 0, 0, 1.0, mb),
             dict(HAS_BIAS=variant["bias"], DROPOUT=False, EPI_LOW=epi_low, FUSED_SHRINK=variant.get("fused", False),
-                 BLOCK_R=block_r, INPUT_PRECISION=prec)))
+                 COMPUTE_DB=False, BLOCK_R=block_r, INPUT_PRECISION=prec)))
     elif kind == "gemm_dx":
         # dx = dy·W0 + drop'(dxa·A): Aop = dy [M, N], Bop = W0 [N, K], C = dx [M, K], L = dxa, Rt = A [r, K]
+        # fused (no dropout, small rank): SA = B [N, r] read as SAᵀ[n, j], dxa stored, dB accumulated
+        fused = variant.get("fused", False)
         jobs.append(("_lora_gemm_kernel", (
-            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype),
-            M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, K, 1, 1.0, *seed, mb),
-            dict(HAS_BIAS=False, DROPOUT=variant["dropout"], EPI_LOW=epi_low, FUSED_SHRINK=False, BLOCK_R=block_r,
-                 INPUT_PRECISION=prec)))
+            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("fp32"),
+            M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, 1, R, R, 1, 1.0, 0.5, *seed, mb),
+            dict(HAS_BIAS=False, DROPOUT=variant["dropout"], EPI_LOW=epi_low, FUSED_SHRINK=fused, COMPUTE_DB=fused,
+                 BLOCK_R=block_r, INPUT_PRECISION=prec)))
     elif kind == "dy":
         jobs.append(("_lora_dy_kernel", (
             _t(dtype), _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), M, N, R, *dyn, R, 1, R, 1, 2.0, mb),
@@ -164,6 +166,8 @@ def _lora_linear_variants(dtype):
                 out.append(dict(kind="shrink", R=R, prec=prec, dropout=dropout))
                 out.append(dict(kind="da", R=R, prec=prec, dropout=dropout))
                 out.append(dict(kind="gemm_dx", R=R, prec=prec, dropout=dropout))
+                if R <= 32 and not dropout:  # the launcher's fused backward
+                    out.append(dict(kind="gemm_dx", R=R, prec=prec, dropout=False, fused=True))
             for bias in (False, True):
                 out.append(dict(kind="gemm_fwd", R=R, prec=prec, bias=bias))
                 if R <= 32:  # the launcher fuses the shrink for small ranks without dropout
@@ -264,6 +268,36 @@ def _merge_variants(dtype):
     return out
 
 
+def _shrink_expand_jobs(se, dtype, variant, shape):
+    """The per-token shrink / expand of triton/shrink_expand.py (lora_shrink / lora_expand_), as the launchers call
+    them: x / y with any strides, A [L, r_max, K], B [L, N, r_max], 1-D ids / scales / ranks."""
+    M, N, K = shape["M"], shape["N"], shape["K"]
+    ragged = shape is _SHAPES["ragged"]
+    L, R = 8, 64
+    adt = variant.get("adt", dtype)
+    ids, ranks = variant.get("ids", "i64"), variant.get("ranks", "i32")
+    xs = (1, M + 3) if ragged else (K, 1)
+    ys = (1, M + 7) if ragged else (N, 1)
+    if variant["kind"] == "lshrink":
+        return [("_shrink_kernel", (
+            _t("fp32"), _t(dtype), _t(adt), _t(ids), _t(ranks), 0.5, M, K, L, R,
+            *xs, R * K, K, 1, 1, 1, R, 1), dict(HAS_RANKS=variant["has_ranks"]))]
+    return [("_expand_kernel", (
+        _t(dtype), _t("fp32"), _t(adt), _t(ids), _t("fp32"), _t(ranks), M, N, L, R, 16,
+        *ys, R, 1, N * R, R, 1, 1, 1, 1), dict(HAS_RANKS=variant["has_ranks"]))]
+
+
+def _shrink_expand_variants(dtype):
+    adts = (dtype, "fp32") if dtype != "fp32" else ("fp32",)
+    out = []
+    for kind in ("lshrink", "lexpand"):
+        for has_ranks in (True, False):
+            for adt in adts:
+                out.append(dict(kind=kind, has_ranks=has_ranks, adt=adt))
+        out.append(dict(kind=kind, has_ranks=True, ids="i32", ranks="i64"))
+    return out
+
+
 def _quant_linear_jobs(ql, dtype, variant, shape):
     """The quantised-base kernels (triton/quant_linear.py), mirroring its launchers: the fused GEMM forward (W0
     read transposed) and dx (W0 as stored), and the scratch strategy's dequantisation kernel."""
@@ -313,9 +347,10 @@ def _quant_linear_variants(dtype):
 
 
 def _modules():
-    from lora_kernels.triton import lora_linear, merge, multi_lora, quant_linear
+    from lora_kernels.triton import lora_linear, merge, multi_lora, quant_linear, shrink_expand
 
-    return {"lora_linear": lora_linear, "multi_lora": multi_lora, "merge": merge, "quant_linear": quant_linear}
+    return {"lora_linear": lora_linear, "multi_lora": multi_lora, "merge": merge, "quant_linear": quant_linear,
+            "shrink_expand": shrink_expand}
 
 
 # kernels launched with one fixed config (every config must fit, like the merge's)
@@ -348,6 +383,9 @@ def _kernel_table(mods):
     bn, bk = ql.DEQUANT_BLOCK
     table["_dequant_kernel"] = ("quant_linear", ql._dequant_kernel,
                                 [(dict(BLOCK_N=bn, BLOCK_K=bk), dict(num_warps=4, num_stages=3))], None)
+    se = mods["shrink_expand"]
+    for name in ("_shrink_kernel", "_expand_kernel"):
+        table[name] = ("shrink_expand", getattr(se, name), _configs(getattr(se, name)), None)
     return table
 
 
@@ -369,8 +407,9 @@ def _ci_variants(variants):
     return chosen
 
 
-def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind, main, worst=False):
-    """Config indices compiled for one (kernel, dtype, target, variant, shape) at a matrix level."""
+def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind, main, worst=False, large=False):
+    """Config indices compiled for one (kernel, dtype, target, variant, shape) at a matrix level. ``large``: a
+    variant whose large-M configs must be compiled too (the fused-shrink GEMMs, the common r <= 32 path)."""
     if level == "full":
         return set(range(len(cfgs)))
     small = set(_small_m_set(cfgs)) if prune_by_m else set()
@@ -388,6 +427,8 @@ def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind,
                 picks |= set(range(len(cfgs)))
         return picks
     # ci
+    if large and dtype == "bf16" and target == 90:
+        picks |= {i for i, (meta, _) in enumerate(cfgs) if meta.get("BLOCK_M", 0) >= 64}
     if worst and dtype == "fp32" and target == 80:
         picks |= small  # 128-wide rank tiles in fp32 on A100: the largest shared memory a small-M launch needs
     if main:
@@ -416,6 +457,7 @@ def build_jobs(level: str):
         ("multi_lora", _multi_lora_variants, _multi_lora_jobs),
         ("merge", _merge_variants, _merge_jobs),
         ("quant_linear", _quant_linear_variants, _quant_linear_jobs),
+        ("shrink_expand", _shrink_expand_variants, _shrink_expand_jobs),
     ]
     jobs = {}
 
@@ -452,7 +494,8 @@ def build_jobs(level: str):
                                 worst_seen.add(kname)
                         cfgs, prune = table[kname][2], table[kname][3] is not None
                         for target in TARGETS:
-                            picks = _picks(level, kname, cfgs, prune, dtype, target, shape_name, main_kind, main, worst)
+                            picks = _picks(level, kname, cfgs, prune, dtype, target, shape_name, main_kind, main, worst,
+                                           large=variant.get("fused", False) and shape_name == "main")
                             for ci in sorted(picks):
                                 add(modname, kname, dtype, target, variant, shape_name, ci, args, constexprs)
     return list(jobs.values())

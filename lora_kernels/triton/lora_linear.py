@@ -14,7 +14,9 @@ Kernels (launch order):
   forward  ``_lora_gemm_kernel`` alone for r <= FUSED_SHRINK_MAX_R without dropout (xa = x·Aᵀ computed in its
            K loop from the x tiles it loads anyway: x is read once); else ``_lora_shrink_kernel`` ->
            ``_lora_gemm_kernel``
-  backward ``_lora_dy_kernel`` -> ``_lora_gemm_kernel`` (dx) -> ``_lora_da_kernel``
+  backward ``_lora_gemm_kernel`` (dx, which then also forms dxa and dB from the dy tiles it loads: dy is read
+           once) -> ``_lora_da_kernel`` under the same condition; else ``_lora_dy_kernel`` (dxa, dB) ->
+           ``_lora_gemm_kernel`` (dx) -> ``_lora_da_kernel``
 The dx GEMM with dropout forms the masked r-wide term first, in the accumulator the K loop then adds to (one fp32
 tile live, not two). Byte traffic of each path: tests/test_traffic.py.
 
@@ -225,7 +227,7 @@ def _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, str
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["seed_hash", "threshold"])
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, l_ptr, rt_ptr, bias_ptr, sa_ptr,
+    a_ptr, b_ptr, c_ptr, l_ptr, rt_ptr, bias_ptr, sa_ptr, xa_ptr, db_ptr,
     M, N, K, R,
     stride_am, stride_ak,
     stride_bk, stride_bn,
@@ -233,18 +235,21 @@ def _lora_gemm_kernel(
     stride_lm, stride_lr,
     stride_rtr, stride_rtn,
     stride_sar, stride_sak,
-    l_scale, seed_hash, threshold, keep_scale, m_bucket,
+    stride_xam, stride_xar,
+    l_scale, shrink_scale, seed_hash, threshold, keep_scale, m_bucket,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EPI_LOW: tl.constexpr, FUSED_SHRINK: tl.constexpr,
-    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     # C[m, n] = Σ_k Aop[m, k]·Bop[k, n] + bias[n] + drop'_{m,n}(l_scale · Σ_j L[m, j]·Rt[j, n]), one store.
     # Forward: Aop = x, Bop = W0ᵀ, L = xa, Rt = Bᵀ (no mask). Backward dx: Aop = dy, Bop = W0, L = dxa,
     # Rt = A, mask regenerated at (m, n). Reads Aop, Bop, L [M, r] fp32, Rt [r, N], bias; writes C.
-    # FUSED_SHRINK (forward, no dropout, R <= BLOCK_R): L is not read but computed in the K loop from the Aop tiles
-    # already loaded, L = Aop·SAᵀ with SA = A [R, K] (x is read once, not again by a shrink kernel), and the
-    # programs of the first column tile store it (xa for the backward).
+    # FUSED_SHRINK (no dropout, R <= BLOCK_R): L is not read but computed in the K loop from the Aop tiles already
+    # loaded, L = shrink_scale·Aop·SAᵀ, and the programs of the first column tile store it. Forward: SA = A [R, K],
+    # L = xa (x read once). Backward dx: SA = B [N, R], shrink_scale = s, L = dxa (dy read once). COMPUTE_DB (dx with
+    # FUSED_SHRINK): those programs also add s·Aopᵀ·XA (XA = xa [M, R] fp32) into the zeroed fp32 dB [N, R]
+    # with atomics, one partial sum per row tile, so no other kernel reads dy.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -272,6 +277,12 @@ def _lora_gemm_kernel(
         r_ok = offs_r < R
         sa_ptrs = sa_ptr + offs_r[None, :] * stride_sar + offs_k[:, None] * stride_sak  # SAᵀ tile [BLOCK_K, BLOCK_R]
         l_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if COMPUTE_DB:
+            # xa rows past M are zero, so the wrapped rows of the Aop tiles add nothing to dB
+            xa_t = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                           mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            if EPI_LOW:
+                xa_t = xa_t.to(a_ptr.dtype.element_ty)
     if DROPOUT:
         # The masked r-wide term first, in the one accumulator the main loop then adds to: a second full fp32
         # tile held across the K loop spilled on Hopper's large tiles.
@@ -294,10 +305,20 @@ def _lora_gemm_kernel(
                 st = tl.load(sa_ptrs, mask=r_ok[None, :] & (offs_k[:, None] < k_left), other=0.0)
             l_acc = tl.dot(at, st, l_acc, input_precision=INPUT_PRECISION)
             sa_ptrs += BLOCK_K * stride_sak
+            if COMPUTE_DB:
+                if pid_n == 0:
+                    if EPI_LOW:
+                        part = tl.dot(tl.trans(at), xa_t, input_precision=INPUT_PRECISION)
+                    else:
+                        part = tl.dot(tl.trans(at).to(tl.float32), xa_t, input_precision=INPUT_PRECISION)
+                    kk = k0 + offs_k
+                    tl.atomic_add(db_ptr + kk.to(tl.int64)[:, None] * R + offs_r[None, :], part * shrink_scale,
+                                  mask=(kk[:, None] < K) & r_ok[None, :], sem="relaxed")
         acc = tl.dot(at, bt, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if FUSED_SHRINK:
+        l_acc = l_acc * shrink_scale
         if pid_n == 0:
             l_out = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr
             tl.store(l_out, l_acc, mask=m_ok[:, None] & r_ok[None, :])
@@ -529,30 +550,87 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
                 stride_b=(weight.stride(1), weight.stride(0)),  # Bop[k, n] = W0[n, k]
                 stride_rt=(lora_b.stride(1), lora_b.stride(0)),  # Rt[j, n] = B[n, j]
                 l_scale=float(scale), dropout=(False, 0, 0, 1.0), precision=precision,
-                block_r=block_r, m_bucket=m_bucket, shrink_a=lora_a if fused else None,
+                block_r=block_r, m_bucket=m_bucket,
+                shrink=(lora_a, lora_a.stride(0), lora_a.stride(1)) if fused else None,
             )
     return y, xa
 
 
 def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_scale, dropout, precision, block_r, m_bucket,
-                 shrink_a=None):
-    """``shrink_a``: A [R, K] for FUSED_SHRINK (then ``l`` is the xa output, written by the kernel)."""
+                 shrink=None, shrink_scale=1.0, db=None):
+    """``shrink``: (SA, stride over r, stride over the GEMM's K) for FUSED_SHRINK (then ``l`` is an output, written
+    by the kernel); ``db``: (xa, dB fp32 zeroed) for COMPUTE_DB."""
     drop, seed_hash, threshold, keep_scale = dropout
-    sa = shrink_a if shrink_a is not None else rt
+    sa, stride_sar, stride_sak = shrink if shrink is not None else (rt, 0, 0)
+    xa, db32 = db if db is not None else (l, l)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lora_gemm_kernel[grid](
-        a, b, c, l, rt, bias if bias is not None else c, sa,
+        a, b, c, l, rt, bias if bias is not None else c, sa, xa, db32,
         M, N, K, R,
         a.stride(0), a.stride(1),
         stride_b[0], stride_b[1],
         c.stride(0), c.stride(1),
         l.stride(0), l.stride(1),
         stride_rt[0], stride_rt[1],
-        sa.stride(0), sa.stride(1),
-        l_scale, seed_hash, threshold, keep_scale, m_bucket,
+        stride_sar, stride_sak,
+        xa.stride(0), xa.stride(1),
+        l_scale, float(shrink_scale), seed_hash, threshold, keep_scale, m_bucket,
         HAS_BIAS=bias is not None, DROPOUT=drop, EPI_LOW=(c.dtype == torch.bfloat16),
-        FUSED_SHRINK=shrink_a is not None, BLOCK_R=block_r, INPUT_PRECISION=precision,
+        FUSED_SHRINK=shrink is not None, COMPUTE_DB=db is not None, BLOCK_R=block_r, INPUT_PRECISION=precision,
     )
+
+
+def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision) -> None:
+    """One pass over dy [M, N]: dxa += s·dy·B into the zeroed fp32 ``dxa`` [M, R] and dB += s·dyᵀ·xa into the zeroed
+    fp32 ``db32`` [N, R] (either may be None), split over N so about two programs per SM are in flight."""
+    M, N = dy.shape
+    R = b_op.shape[1]
+    r_chunks = triton.cdiv(R, block_r)
+    target = _target(dy)
+
+    def grid(meta):
+        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+        n_blocks = triton.cdiv(N, meta["BLOCK_N"])
+        return (m_blocks, max(1, min(n_blocks, target // (m_blocks * r_chunks))), r_chunks)
+
+    _lora_dy_kernel[grid](
+        dy, b_op, xa, dxa if dxa is not None else db32, db32 if db32 is not None else dxa,
+        M, N, R,
+        dy.stride(0), dy.stride(1),
+        b_op.stride(0), b_op.stride(1),
+        xa.stride(0), xa.stride(1),
+        float(scale), m_bucket,
+        COMPUTE_DXA=dxa is not None, COMPUTE_DB=db32 is not None, EPI_LOW=dy.dtype == torch.bfloat16,
+        BLOCK_R=block_r, INPUT_PRECISION=precision,
+    )
+
+
+def launch_da(dxa, x, drop_args, *, block_r, m_bucket, precision) -> torch.Tensor:
+    """dA = dxaᵀ·drop(x) as a new fp32 [R, K] tensor (dxa fp32 [M, R] contiguous, x [M, K] any strides), split over
+    M so about two programs per SM are in flight."""
+    M, R = dxa.shape
+    K = x.shape[1]
+    da32 = torch.zeros((R, K), dtype=torch.float32, device=dxa.device)
+    if K == 0 or M == 0:
+        return da32
+    xs = _safe_2d(x)
+    drop, seed_hash, threshold, keep_scale = drop_args
+    r_chunks = triton.cdiv(R, block_r)
+    target = _target(xs)
+
+    def grid(meta):
+        k_blocks = triton.cdiv(K, meta["BLOCK_K"])
+        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+        return (k_blocks, max(1, min(m_blocks, target // (k_blocks * r_chunks))), r_chunks)
+
+    _lora_da_kernel[grid](
+        dxa, xs, da32,
+        M, K, R,
+        xs.stride(0), xs.stride(1),
+        seed_hash, threshold, keep_scale, m_bucket,
+        DROPOUT=drop, EPI_LOW=xs.dtype == torch.bfloat16, BLOCK_R=block_r, INPUT_PRECISION=precision,
+    )
+    return da32
 
 
 def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask):
@@ -581,32 +659,20 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
     precision = _input_precision(dy.dtype)
     drop_args = dropout_args(dropout_p, seed)
     block_r = _block_r(R)
-    r_chunks = triton.cdiv(R, block_r)
     m_bucket = _m_bucket(M)
-    epi_low = dy.dtype == torch.bfloat16
     need_dxa = need_dx or need_da
+    # As in the forward: without dropout and for small ranks the dx GEMM also forms dxa = s·dy·B in its K loop and
+    # dB = s·dyᵀ·xa from the dy tiles it loads, so dy is read once and the dy kernel does not run.
+    fused = need_dx and K > 0 and N > 0 and not drop_args[0] and R <= min(block_r, FUSED_SHRINK_MAX_R)
     dx = da = db = dw = None
     with _device_ctx(dy):
-        dxa = torch.zeros((M, R), dtype=torch.float32, device=dev) if need_dxa else None
+        if fused:
+            dxa = _alloc((M, R), torch.float32, dev)
+        else:
+            dxa = torch.zeros((M, R), dtype=torch.float32, device=dev) if need_dxa else None
         db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db else None
-        if (need_dxa or need_db) and N > 0:
-            target = _target(dy)
-
-            def grid_dy(meta):
-                m_blocks = triton.cdiv(M, meta["BLOCK_M"])
-                n_blocks = triton.cdiv(N, meta["BLOCK_N"])
-                return (m_blocks, max(1, min(n_blocks, target // (m_blocks * r_chunks))), r_chunks)
-
-            _lora_dy_kernel[grid_dy](
-                dy, b_op, xa, dxa if need_dxa else db32, db32 if need_db else dxa,
-                M, N, R,
-                dy.stride(0), dy.stride(1),
-                b_op.stride(0), b_op.stride(1),
-                xa.stride(0), xa.stride(1),
-                float(scale), m_bucket,
-                COMPUTE_DXA=need_dxa, COMPUTE_DB=need_db, EPI_LOW=epi_low,
-                BLOCK_R=block_r, INPUT_PRECISION=precision,
-            )
+        if (need_dxa or need_db) and N > 0 and not fused:
+            launch_dy(dy, b_op, xa, dxa, db32, scale, block_r=block_r, m_bucket=m_bucket, precision=precision)
         if need_dx:
             dx = _alloc((M, K), dy.dtype, dev)
             if K > 0:
@@ -617,27 +683,11 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
                     stride_rt=(a_op.stride(0), a_op.stride(1)),  # Rt[j, k] = A[j, k]
                     l_scale=1.0, dropout=drop_args, precision=precision,
                     block_r=block_r, m_bucket=m_bucket,
+                    shrink=(b_op, b_op.stride(1), b_op.stride(0)) if fused else None,  # SAᵀ[n, j] = B[n, j]
+                    shrink_scale=float(scale), db=(xa, db32) if (fused and need_db) else None,
                 )
         if need_da:
-            xs = _safe_2d(x)
-            da32 = torch.zeros((R, K), dtype=torch.float32, device=dev)
-            if K > 0:
-                drop, seed_hash, threshold, keep_scale = drop_args
-                target = _target(dy)
-
-                def grid_da(meta):
-                    k_blocks = triton.cdiv(K, meta["BLOCK_K"])
-                    m_blocks = triton.cdiv(M, meta["BLOCK_M"])
-                    return (k_blocks, max(1, min(m_blocks, target // (k_blocks * r_chunks))), r_chunks)
-
-                _lora_da_kernel[grid_da](
-                    dxa, xs, da32,
-                    M, K, R,
-                    xs.stride(0), xs.stride(1),
-                    seed_hash, threshold, keep_scale, m_bucket,
-                    DROPOUT=drop, EPI_LOW=epi_low, BLOCK_R=block_r, INPUT_PRECISION=precision,
-                )
-            da = da32.to(lora_a.dtype)
+            da = launch_da(dxa, x, drop_args, block_r=block_r, m_bucket=m_bucket, precision=precision).to(lora_a.dtype)
         if need_db:
             db = db32.to(lora_b.dtype)
         if need_dw:

@@ -6,9 +6,9 @@ Semantics: :func:`lora_kernels.reference.quant_lora_linear_fwd_ref` / ``quant_lo
 
     forward:   xa = drop(x)·Aᵀ                      (fp32, saved)     _lora_shrink_kernel (lora_linear's)
                y  = x·W̃ᵀ + bias + s·xa·Bᵀ                             _quant_gemm_kernel (W_T) | scratch
-    backward:  dxa = s·dy·B,  dB = s·dyᵀ·xa                           _lora_dy_kernel (lora_linear's)
+    backward:  dxa = s·dy·B,  dB = s·dyᵀ·xa                           lora_linear's launch_dy
                dx  = dy·W̃ + drop'(dxa·A)                              _quant_gemm_kernel | scratch
-               dA  = dxaᵀ·drop(x)                                     _lora_da_kernel (lora_linear's)
+               dA  = dxaᵀ·drop(x)                                     lora_linear's launch_da
 
 Two strategies for the W̃ products (``choose_strategy``, per call; override with the ``strategy=`` argument or
 ``$LORA_KERNELS_QUANT_STRATEGY``):
@@ -46,13 +46,13 @@ from .lora_linear import (
     _block_r,
     _device_ctx,
     _input_precision,
-    _lora_da_kernel,
-    _lora_dy_kernel,
     _lora_shrink_kernel,
+    _lora_tile,
     _m_bucket,
     _prune_by_m,
     _safe_2d,
-    _target,
+    launch_da,
+    launch_dy,
     lora_linear_bwd_triton,
     lora_linear_fwd_triton,
 )
@@ -154,27 +154,6 @@ def _dequant(q_ptr, s_ptr, code_ptr, wr, wc, mask, WK, stride_qn,
     return w
 
 
-@triton.jit
-def _lora_term(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr, stride_rtn,
-               l_scale, EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # acc + l_scale·L[m-tile, :R]·Rt[:R, n-tile] (as lora_linear's GEMM epilogue), the rank in masked BLOCK_R chunks;
-    # EPI_LOW: L meets Rt in Rt's 16-bit dtype (bf16), else in fp32
-    l_rows = l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm
-    rt_cols = rt_ptr + offs_n.to(tl.int64)[None, :] * stride_rtn
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + offs_r
-        r_ok = rr < R
-        lt = tl.load(l_rows + rr[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0) * l_scale
-        rt = tl.load(rt_cols + rr[:, None] * stride_rtr, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        if EPI_LOW:
-            lt = lt.to(rt.dtype)
-        else:
-            rt = rt.to(tl.float32)
-        acc = tl.dot(lt, rt, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +205,7 @@ def _quant_gemm_kernel(
     if DROPOUT:
         # the masked r-wide term first, in the accumulator the main loop then adds to (no second fp32 tile held
         # across the loop)
-        acc = _lora_term(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr,
+        acc = _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr,
                          stride_rtn, l_scale, EPI_LOW, BLOCK_R, INPUT_PRECISION)
         keep = keep_mask(seed_hash, offs_m, offs_n, threshold)
         acc = tl.where(keep, acc * keep_scale, 0.0)
@@ -252,7 +231,7 @@ def _quant_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
     if not DROPOUT:
         # epilogue: the r-wide LoRA product on tensor cores
-        acc = _lora_term(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr,
+        acc = _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr,
                          stride_rtn, l_scale, EPI_LOW, BLOCK_R, INPUT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -410,31 +389,13 @@ def quant_lora_linear_bwd_triton(dy, x, xa, qw, lora_a, lora_b, scale, dropout_p
     precision = _input_precision(dy.dtype)
     drop_args = dropout_args(dropout_p, seed)
     block_r = _block_r(R)
-    r_chunks = triton.cdiv(R, block_r)
     m_bucket = _m_bucket(M)
-    epi_low = dy.dtype == torch.bfloat16
     da = db = None
     with _device_ctx(dy):
         dxa = torch.zeros((M, R), dtype=torch.float32, device=dev)
         db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db else None
         if N > 0:
-            target = _target(dy)
-
-            def grid_dy(meta):
-                m_blocks = triton.cdiv(M, meta["BLOCK_M"])
-                n_blocks = triton.cdiv(N, meta["BLOCK_N"])
-                return (m_blocks, max(1, min(n_blocks, target // (m_blocks * r_chunks))), r_chunks)
-
-            _lora_dy_kernel[grid_dy](
-                dy, b_op, xa, dxa, db32 if need_db else dxa,
-                M, N, R,
-                dy.stride(0), dy.stride(1),
-                b_op.stride(0), b_op.stride(1),
-                xa.stride(0), xa.stride(1),
-                float(scale), m_bucket,
-                COMPUTE_DXA=True, COMPUTE_DB=need_db, EPI_LOW=epi_low,
-                BLOCK_R=block_r, INPUT_PRECISION=precision,
-            )
+            launch_dy(dy, b_op, xa, dxa, db32, scale, block_r=block_r, m_bucket=m_bucket, precision=precision)
         dx = _alloc((M, K), dy.dtype, dev)
         if K > 0:
             _launch_quant_gemm(
@@ -443,25 +404,7 @@ def quant_lora_linear_bwd_triton(dy, x, xa, qw, lora_a, lora_b, scale, dropout_p
                 l_scale=1.0, dropout=drop_args, precision=precision, block_r=block_r, m_bucket=m_bucket,
             )
         if need_da:
-            xs = _safe_2d(x)
-            da32 = torch.zeros((R, K), dtype=torch.float32, device=dev)
-            if K > 0:
-                drop, seed_hash, threshold, keep_scale = drop_args
-                target = _target(dy)
-
-                def grid_da(meta):
-                    k_blocks = triton.cdiv(K, meta["BLOCK_K"])
-                    m_blocks = triton.cdiv(M, meta["BLOCK_M"])
-                    return (k_blocks, max(1, min(m_blocks, target // (k_blocks * r_chunks))), r_chunks)
-
-                _lora_da_kernel[grid_da](
-                    dxa, xs, da32,
-                    M, K, R,
-                    xs.stride(0), xs.stride(1),
-                    seed_hash, threshold, keep_scale, m_bucket,
-                    DROPOUT=drop, EPI_LOW=epi_low, BLOCK_R=block_r, INPUT_PRECISION=precision,
-                )
-            da = da32.to(lora_a.dtype)
+            da = launch_da(dxa, x, drop_args, block_r=block_r, m_bucket=m_bucket, precision=precision).to(lora_a.dtype)
         if need_db:
             db = db32.to(lora_b.dtype)
     return dx, da, db
