@@ -416,3 +416,168 @@ def quant_lora_linear(
         with torch.autocast(ac, enabled=False):
             return QuantLoRALinearFunction.apply(*args)
     return QuantLoRALinearFunction.apply(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on mixture-of-experts expert weights (ops/moe_lora.py; the MoE modules are in moe.py)
+# ----------------------------------------------------------------------------------------------
+
+from .ops.moe_lora import MoERouting, check_add_moe_lora, check_moe_lora_linear, pick_block_m  # noqa: E402
+
+__all__ += ["moe_lora_linear", "MoELoRALinearFunction", "add_moe_lora", "MoERouting"]
+
+
+def _moe_frozen_grads(dy, x, weight, bias, topk_ids, topk_weights, combine, need_w, need_bias):
+    """dW [E, N, K] and dbias [E, N] of moe_lora_linear by plain torch (one host read of the expert counts): only when
+    the expert weights / biases require grad, which LoRA training does not ask for (they are frozen)."""
+    M, k = topk_ids.shape
+    E, N, K = weight.shape
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    key = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, E))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=E + 1).tolist()
+    dw = torch.zeros(weight.shape, dtype=acc, device=dy.device) if need_w else None
+    db = torch.zeros((E, N), dtype=acc, device=dy.device) if need_bias else None
+    start = 0
+    for e in range(E):
+        rows = order[start:start + counts[e]]
+        start += counts[e]
+        if rows.numel() == 0:
+            continue
+        g = dy.index_select(0, rows // k if combine else rows).to(acc)
+        if topk_weights is not None:
+            g = g * topk_weights.reshape(-1)[rows].to(acc)[:, None]
+        if need_w:
+            dw[e] = g.t() @ x.index_select(0, rows if x.shape[0] == M * k else rows // k).to(acc)
+        if need_bias:
+            db[e] = g.sum(0)
+    return (dw.to(weight.dtype) if need_w else None), (db.to(bias.dtype) if need_bias else None)
+
+
+class MoELoRALinearFunction(torch.autograd.Function):
+    """The grouped expert linear layer with LoRA (:func:`moe_lora_linear`) with a fused backward.
+
+    Saves x (the caller's tensor), the fp32 ``xa`` [M·k, r], the routing and the parameters: never ``W + s·B·A``
+    nor any per-expert copy of a weight. Gradients: x, lora_a, lora_b and topk_weights on the fused kernels; the
+    expert weights and biases, if they require grad (LoRA training freezes them), by plain torch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, topk_weights, scale, topk_ids, combine, backend, routing):
+        groups = routing.expert_groups if routing is not None else (None, None, 0)
+        y, xa = _ops.moe_lora_fwd(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_weights, combine, backend,
+                                  *groups)
+        ctx.save_for_backward(x, xa, weight, bias, lora_a, lora_b, topk_weights, topk_ids)
+        ctx.cfg = (scale, combine, backend, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, weight, bias, lora_a, lora_b, topk_weights, topk_ids = ctx.saved_tensors
+        scale, combine, backend, groups = ctx.cfg
+        need = ctx.needs_input_grad
+        mask = [need[0], need[3], need[4], need[5]]
+        dx = da = db = dw = dweight = dbias = None
+        dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+        if any(mask):
+            dx, da, db, dw = _ops.moe_lora_bwd(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids, topk_weights,
+                                               combine, mask, backend, *groups)
+            dx, da, db, dw = (g if want else None for g, want in zip((dx, da, db, dw), mask))
+        if need[1] or need[2]:
+            dweight, dbias = _moe_frozen_grads(dy, x, weight, bias, topk_ids, topk_weights, combine, need[1], need[2])
+        return dx, dweight, dbias, da, db, dw, None, None, None, None, None
+
+
+def moe_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    scale: float,
+    topk_ids: torch.Tensor,
+    topk_weights: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    combine: bool = False,
+    routing: Optional[MoERouting] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Grouped expert linear layer with LoRA on every expert: for each (token t, expert slot j) pair p = t·k + j with
+    expert e = topk_ids[t, j] (ids outside [0, E) mean no expert: a zero row),
+    ``out[p] = c_p·(x_p·W[e]ᵀ + bias[e] + scale·(x_p·A[e]ᵀ)·B[e]ᵀ)``; y = out [M·k, N], or with ``combine``
+    ``y[t] = Σ_j out[t·k + j]`` [M, N]. The LoRA branch stays factored (no ``W + s·B·A`` is ever formed).
+
+    Args:
+        x: [M, K] (one row per token; every pair of the token reads it) or [M·k, K] (one row per pair, e.g. the
+            activation between the gate/up and the down projection).
+        weight: the experts' frozen weights [E, N, K] (nn.Linear layout per expert; any strides: a [E, K, N]
+            storage such as GPT-OSS's is ``w.transpose(1, 2)``), same dtype as x. bias: [E, N] or None.
+        lora_a: A [E, r, K], or one [r, K] shared by every expert; lora_b: B [E, N, r]; both None: no LoRA (the
+            plain grouped GEMM). Cast to x's dtype if they differ (differentiably).
+        scale: alpha / r (finite). topk_ids: [M, k] int32/int64. topk_weights: [M, k] or None (c_p = 1).
+        combine: sum each token's k pair rows (the down projection of an MoE MLP).
+        routing: an optional :class:`MoERouting` built from these topk_ids (shared by the layer's two projections;
+            built here when absent, on the device, without a host read).
+        backend: "triton" | "torch" | None (auto).
+
+    Differentiable w.r.t. x, lora_a, lora_b and topk_weights (the router's gradient), and weight / bias when they
+    require grad. Semantics: ``reference.moe_lora_linear_ref``.
+    """
+    if lora_a is not None and isinstance(lora_a, torch.Tensor) and lora_a.dim() == 2 and isinstance(weight, torch.Tensor) \
+            and weight.dim() == 3:
+        lora_a = lora_a.unsqueeze(0).expand(weight.shape[0], *lora_a.shape)  # one A shared by every expert
+    ac = _autocast_device(x)
+    if ac is not None:
+        (x, weight, lora_a, lora_b, bias), _ = _autocast_inputs((x, weight, lora_a, lora_b, bias))
+    scale = check_moe_lora_linear(x, weight, lora_a, lora_b, scale, topk_ids, topk_weights, bias, combine, routing)
+    if lora_a is not None and lora_a.dtype != x.dtype:
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    be = resolve_backend("moe_lora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
+    if routing is None and be != "torch" and x.shape[0] > 0:
+        M, k = topk_ids.shape
+        routing = MoERouting(topk_ids, weight.shape[0], block_m=pick_block_m(M * k, weight.shape[0]))
+    args = (x, weight, bias, lora_a, lora_b, topk_weights, scale, topk_ids, combine, be, routing)
+    if ac is not None:
+        with torch.autocast(ac, enabled=False):
+            return MoELoRALinearFunction.apply(*args)
+    return MoELoRALinearFunction.apply(*args)
+
+
+def add_moe_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: TensorOrList,
+    lora_b: TensorOrList,
+    topk_ids: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    *,
+    routing: Optional[MoERouting] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Serving: many adapters' MoE expert LoRA in one batch, in place on the per-pair output y; returns y.
+
+    ``y[p, slice s] += c_p·scales[i]·(x_p·A_s[i, e, :rank_i]ᵀ)·B_s[i, e, :, :rank_i]ᵀ`` for each pair p = t·k + j
+    with adapter i = adapter_ids[t] >= 0 and expert e = topk_ids[t, j] in [0, E); other rows are untouched.
+
+    Args:
+        y: [M·k, N_total], one row per (token, expert) pair (e.g. the expert GEMM's output before the routing sum).
+        x: [M, K] token rows or [M·k, K] pair rows, y's dtype.
+        lora_a: [L, E, r_max, K] or a list with one per packed output slice (gate, up); lora_b: [L, E, N_s, r_max]
+            or a list. adapter_ids: [M] int32/int64 in [-1, L). scales: [L]. ranks: [L] in [0, r_max] or None.
+        topk_ids: [M, k]. topk_weights: [M, k] to multiply each pair's update by its routing weight, or None.
+        routing: an optional :class:`MoERouting` built with these adapter_ids (``adapter_ids=..., num_adapters=L``,
+            fixed ``max_tokens`` for CUDA graphs; ``routing.update_`` between replays).
+        backend: "triton" | "torch" | None (auto).
+
+    An inference op (no autograd). With a routing given, the Triton path reads nothing on the host (the value
+    checks' one read is skipped while capturing a CUDA graph). Semantics: ``reference.add_moe_lora_ref``.
+    """
+    lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
+    check_add_moe_lora(y, x, lora_a, lora_b, topk_ids, topk_weights, adapter_ids, scales, ranks, routing)
+    be = resolve_backend("add_moe_lora", y, x, *lora_a, *lora_b, backend=backend)
+    groups = routing.lora_groups if routing is not None else (None, None, 0)
+    _ops.add_moe_lora_(y, x, lora_a, lora_b, topk_ids, topk_weights, adapter_ids, scales, ranks, be, *groups)
+    return y

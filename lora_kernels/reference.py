@@ -442,3 +442,148 @@ def quant_lora_linear_bwd_ref(dy, x, xa, qw, lora_a, lora_b, scale, dropout_p=0.
     dx, da, db, _ = lora_linear_bwd_ref(dy, x, xa, w, lora_a, lora_b, scale, dropout_p, seed,
                                         (*output_mask, False))
     return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on mixture-of-experts expert weights (ops/moe_lora.py): a grouped expert GEMM with the LoRA branch, for
+# training (one adapter, forward + backward) and serving (per-token adapter ids over [L, E, ...] slots)
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["moe_lora_linear_ref", "add_moe_lora_ref", "moe_pair_rows"]
+
+
+def moe_pair_rows(x_rows: int, num_tokens: int, top_k: int, what: str = "x") -> bool:
+    """Whether a tensor with ``x_rows`` rows holds one row per (token, slot) pair (``M·k`` rows, pair p = t·k + j)
+    rather than one per token (``M`` rows). With k == 1 the two coincide (and so do the semantics)."""
+    if x_rows == num_tokens * top_k:
+        return True
+    if x_rows == num_tokens:
+        return False
+    raise ValueError(f"{what} has {x_rows} rows; expected M={num_tokens} (token rows) or M·k={num_tokens * top_k} "
+                     "(pair rows)")
+
+
+def moe_lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    scale: float,
+    topk_ids: torch.Tensor,
+    topk_weights: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    combine: bool = False,
+) -> torch.Tensor:
+    """Grouped expert linear layer with LoRA on every expert (the training op; differentiable by plain autograd,
+    the gradient oracle).
+
+    Shapes: M tokens routed to k experts each (``topk_ids`` [M, k] integer, ``topk_weights`` [M, k] or None = 1);
+    pair p = t·k + j is (token t, its j-th expert e = topk_ids[t, j]). x is [M, K] (one row per token: every pair of
+    the token reads it, e.g. the gate/up projection) or [M·k, K] (one row per pair, e.g. the down projection after
+    the activation). weight [E, N, K] (nn.Linear layout per expert; any strides, so a transposed [E, K, N] storage
+    is ``weight.transpose(1, 2)``); bias [E, N] or None; lora_a [E, r, K] (``expand`` one [r, K] over E for an A
+    shared by every expert); lora_b [E, N, r]; lora_a = lora_b = None: no LoRA branch (the plain grouped GEMM).
+    ::
+
+        out = zeros(M·k, N)
+        for t in range(M):
+            for j in range(k):
+                p = t·k + j;  e = topk_ids[t, j]
+                if not 0 <= e < E: continue               # no expert (e.g. masked by expert parallelism): row stays 0
+                xr = x[t] if x has M rows else x[p]
+                c  = topk_weights[t, j] if topk_weights is not None else 1
+                out[p] = c · (xr·W[e]ᵀ + bias[e] + scale·(xr·A[e]ᵀ)·B[e]ᵀ)
+        y = out                                           # combine=False: [M·k, N], one row per pair
+        y = out.view(M, k, N).sum(1)                      # combine=True:  [M, N], Σ over the token's k experts
+
+    Every product accumulates in fp32 (fp64 for fp64 inputs) and y is rounded once to x's dtype. For the whole
+    MoE MLP of a token: ``h = act(moe_lora_linear(x, W_gate_up, ...))`` (pair rows), then
+    ``y = moe_lora_linear(h, W_down, ..., topk_weights, combine=True)``.
+    """
+    M, k = topk_ids.shape
+    E, N, K = weight.shape
+    pair_rows = moe_pair_rows(x.shape[0], M, k)
+    acc = compute_dtype(x.dtype)
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    valid = (ids >= 0) & (ids < E)
+    e = torch.where(valid, ids, torch.zeros_like(ids))
+    xr = x if pair_rows else x.repeat_interleave(k, dim=0)  # [P, K]
+    xr = xr.to(acc)
+    out = torch.bmm(weight.to(acc)[e], xr[:, :, None])[:, :, 0]  # [P, N]
+    if bias is not None:
+        out = out + bias.to(acc)[e]
+    if lora_a is not None:
+        xa = torch.bmm(lora_a.to(acc)[e], xr[:, :, None])  # [P, r, 1]
+        out = out + scale * torch.bmm(lora_b.to(acc)[e], xa)[:, :, 0]
+    if topk_weights is not None:
+        out = out * topk_weights.reshape(-1, 1).to(acc)
+    out = out * valid[:, None].to(acc)
+    if combine:
+        out = out.view(M, k, N).sum(1)
+    return out.to(x.dtype)
+
+
+def add_moe_lora_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    topk_ids: torch.Tensor,
+    topk_weights: Optional[torch.Tensor],
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Serving: the LoRA update of an MoE expert projection for a batch of many adapters, in place on the per-pair
+    output (what vLLM's ``add_lora_w13`` / ``add_lora_w2`` add into its intermediate caches).
+
+    Shapes: ``topk_ids`` [M, k]; y [M·k, N_total] (row p = t·k + j, the pair's expert output before the routing sum);
+    x [M, K] (token rows) or [M·k, K] (pair rows); for each packed slice s (e.g. gate and up): lora_a[s]
+    [L, E, r_max, K], lora_b[s] [L, E, N_s, r_max], Σ N_s = N_total, slice s at columns [off_s, off_s + N_s);
+    adapter_ids [M] integer in [-1, L) (one adapter per token, -1 = none); scales [L]; ranks [L] in [0, r_max] or
+    None (= r_max); topk_weights [M, k] or None (multiply each pair's update by its routing weight: the down
+    projection's ``mul_routed_weight``).
+    ::
+
+        for t in range(M):
+            i = adapter_ids[t]
+            if i < 0: continue                            # token without adapter: its k rows untouched
+            for j in range(k):
+                p = t·k + j;  e = topk_ids[t, j]
+                if not 0 <= e < E: continue               # no expert: row untouched
+                xr = x[t] if x has M rows else x[p];  r = ranks[i]
+                c  = topk_weights[t, j] if topk_weights is not None else 1
+                for s in slices:
+                    y[p, off_s:off_s+N_s] += c · scales[i] · (xr·A_s[i, e, :r]ᵀ)·B_s[i, e, :, :r]ᵀ
+
+    The update is accumulated in fp32 with y's old value and rounded once. Returns y.
+    """
+    M, k = topk_ids.shape
+    P = M * k
+    if P == 0:
+        return y
+    L, E, r_max = lora_a[0].shape[0], lora_a[0].shape[1], lora_a[0].shape[2]
+    pair_rows = moe_pair_rows(x.shape[0], M, k)
+    acc = compute_dtype(y.dtype)
+    if any(t.dtype == torch.float64 for t in (x, *lora_a, *lora_b)):
+        acc = torch.float64
+    ids = adapter_ids.to(torch.int64).repeat_interleave(k)  # [P]
+    ex = topk_ids.reshape(-1).to(torch.int64)
+    active = (ids >= 0) & (ids < L) & (ex >= 0) & (ex < E)
+    ia, ie = ids.clamp(0, max(L - 1, 0)), ex.clamp(0, max(E - 1, 0))
+    rank_mask = torch.ones(P, r_max, dtype=acc, device=y.device)
+    if ranks is not None:
+        rank_mask = (torch.arange(r_max, device=y.device)[None, :] < ranks.to(y.device, torch.int64)[ia][:, None]).to(acc)
+    c = scales.to(acc)[ia]
+    if topk_weights is not None:
+        c = c * topk_weights.reshape(-1).to(acc)
+    xr = (x if pair_rows else x.repeat_interleave(k, dim=0)).to(acc)
+    off = 0
+    for a, b in zip(lora_a, lora_b):
+        n_s = b.shape[2]
+        xa = torch.bmm(a[ia, ie].to(acc), xr[:, :, None])[:, :, 0] * rank_mask  # [P, r_max]
+        upd = torch.bmm(b[ia, ie].to(acc), xa[:, :, None])[:, :, 0] * c[:, None]  # [P, N_s]
+        cols = y[:, off:off + n_s]
+        cols.copy_(torch.where(active[:, None], cols.to(acc) + upd, cols.to(acc)).to(y.dtype))
+        off += n_s
+    return y

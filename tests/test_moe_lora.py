@@ -1,0 +1,649 @@
+"""LoRA on mixture-of-experts expert weights (ops/moe_lora.py, lora_kernels/moe.py): the reference against naive loops,
+the torch and Triton (interpreter) backends against the float64 reference (forward, every gradient, serving), the
+routing metadata, errors, opcheck, no host read on the Triton path, the MoE modules (transformers v5 3-D experts and
+nn.ModuleList experts), PEFT ``target_parameters`` on the fused path (losses and gradients equal to PEFT's over
+training steps of a tiny MoE model, saved-activation bytes), PEFT adapter files, the bytes the Triton kernels move
+(tests/traffic.py) and vLLM's MoE-LoRA semantics."""
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_CUDA, TOL, assert_close_rel, assert_fa_rule, poison_
+
+import lora_kernels as lk
+from lora_kernels import reference as ref
+from lora_kernels._checks import LoRAInputError
+from lora_kernels.ops.moe_lora import MoERouting, pick_block_m
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+
+        return HAS_CUDA or __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    except ImportError:
+        return False
+
+
+needs_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (GPU or TRITON_INTERPRET=1)")
+F32_TOL = TOL["tf32"] if HAS_CUDA else TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------------
+
+
+def make_routing_ids(M, k, E, pattern, gen):
+    """topk_ids [M, k]: "random" (distinct experts per token, as torch.topk gives), "ties" (router scores with ties:
+    many tokens share their experts, equal weights), "skewed" (most experts get no token), "invalid" (ids outside
+    [0, E): -1 and E + 3, e.g. masked by expert parallelism), "dup" (a token listing one expert twice)."""
+    if pattern == "skewed":
+        ids = torch.randint(0, min(E, 2), (M, k), generator=gen)
+    else:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]) if M else torch.zeros(0, k)
+    ids = ids.to(torch.int64)
+    if pattern == "ties" and M:
+        scores = torch.zeros(M, E)
+        scores[:, : max(k, 1)] = 1.0  # every expert of the first k has the same score: topk breaks the ties
+        ids = torch.topk(scores, k, dim=-1).indices
+    if pattern == "invalid" and M:
+        ids[::3, 0] = -1
+        ids[1::4, -1] = E + 3
+    if pattern == "dup" and M and k > 1:
+        ids[:, 1] = ids[:, 0]
+    return ids
+
+
+def make_case(M, k, E, N, K, r, dtype, *, pattern="random", pair_rows=False, weights=True, bias=False,
+              shared_a=False, lora=True, seed=0, device=DEV):
+    gen = torch.Generator().manual_seed(seed)
+    rows = M * k if pair_rows else M
+    x = torch.randn(rows, K, generator=gen)
+    W = torch.randn(E, N, K, generator=gen) / math.sqrt(K)
+    A = (torch.randn(r, K, generator=gen) if shared_a else torch.randn(E, r, K, generator=gen)) / math.sqrt(K)
+    B = torch.randn(E, N, r, generator=gen) / math.sqrt(max(r, 1))
+    b = torch.randn(E, N, generator=gen) if bias else None
+    ids = make_routing_ids(M, k, E, pattern, gen)
+    w = torch.rand(M, k, generator=gen) + 0.1 if weights else None
+    if pattern == "ties" and w is not None:
+        w = torch.full((M, k), 1.0 / k)
+    to = lambda t, dt=dtype: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
+    return dict(x=to(x), W=to(W), A=to(A) if lora else None, B=to(B) if lora else None, bias=to(b),
+                ids=ids.to(device), w=to(w, torch.float32), scale=0.7)
+
+
+def _expand_a(c):
+    A = c["A"]
+    if A is not None and A.dim() == 2:
+        A = A.unsqueeze(0).expand(c["W"].shape[0], *A.shape)
+    return A
+
+
+def ref_forward(c, combine, dtype=torch.float64, grad=False):
+    """The float64 reference with autograd (returns y and the leaves)."""
+    leaves = {}
+    for n in ("x", "A", "B", "w", "W", "bias"):
+        t = c[n]
+        if t is not None:
+            t = t.detach().to(dtype).requires_grad_(grad)
+        leaves[n] = t
+    A = leaves["A"]
+    if A is not None and A.dim() == 2:
+        A = A.unsqueeze(0).expand(leaves["W"].shape[0], *A.shape)
+    y = ref.moe_lora_linear_ref(leaves["x"], leaves["W"], A, leaves["B"], c["scale"], c["ids"], leaves["w"],
+                                leaves["bias"], combine)
+    return y, leaves
+
+
+def lowp_forward(c, combine):
+    """The same computation by plain torch in the inputs' own precision (the FlashAttention rule's baseline)."""
+    y, leaves = ref_forward(c, combine, dtype=c["x"].dtype, grad=True)
+    return y, leaves
+
+
+def run_op(c, combine, backend, grad=True, routing=None):
+    leaves = {n: (c[n].detach().clone().requires_grad_(grad) if c[n] is not None else None)
+              for n in ("x", "A", "B", "w")}
+    y = lk.moe_lora_linear(leaves["x"], c["W"], leaves["A"], leaves["B"], c["scale"], c["ids"], leaves["w"],
+                           c["bias"], combine=combine, routing=routing, backend=backend)
+    return y, leaves
+
+
+GRADS = ("x", "A", "B", "w")
+
+
+def check_against_reference(c, combine, backend, tol):
+    y, leaves = run_op(c, combine, backend)
+    y_ref, ref_leaves = ref_forward(c, combine, grad=True)
+    assert_close_rel(y, y_ref, tol, "y")
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
+    (y * dy).sum().backward()
+    (y_ref * dy.to(torch.float64)).sum().backward()
+    for n in GRADS:
+        if leaves[n] is None:
+            continue
+        assert leaves[n].grad is not None, f"no gradient for {n}"
+        assert_close_rel(leaves[n].grad, ref_leaves[n].grad, tol, f"d{n}")
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y_lp, lp_leaves = lowp_forward(c, combine)
+        (y_lp * dy).sum().backward()
+        assert_fa_rule(y, y_ref, y_lp.detach(), "y")
+        for n in GRADS:
+            if leaves[n] is not None:
+                assert_fa_rule(leaves[n].grad, ref_leaves[n].grad, lp_leaves[n].grad, f"d{n}")
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference (spec) against naive loops
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["random", "ties", "invalid", "dup", "skewed"])
+@pytest.mark.parametrize("pair_rows,combine", [(False, False), (True, True), (False, True)])
+def test_reference_matches_naive_loops(pattern, pair_rows, combine):
+    M, k, E, N, K, r = 7, 2, 5, 6, 4, 3
+    c = make_case(M, k, E, N, K, r, torch.float64, pattern=pattern, pair_rows=pair_rows, bias=True, device="cpu")
+    y = ref.moe_lora_linear_ref(c["x"], c["W"], c["A"], c["B"], c["scale"], c["ids"], c["w"], c["bias"], combine)
+    out = torch.zeros(M * k, N, dtype=torch.float64)
+    for t in range(M):
+        for j in range(k):
+            p, e = t * k + j, int(c["ids"][t, j])
+            if not 0 <= e < E:
+                continue
+            xr = c["x"][p] if pair_rows else c["x"][t]
+            o = xr @ c["W"][e].t() + c["bias"][e] + c["scale"] * (xr @ c["A"][e].t()) @ c["B"][e].t()
+            out[p] = float(c["w"][t, j]) * o
+    want = out.view(M, k, N).sum(1) if combine else out
+    assert torch.allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_serving_reference_matches_naive_loops():
+    gen = torch.Generator().manual_seed(3)
+    M, k, E, K, L, r = 6, 2, 4, 5, 3, 4
+    widths = [3, 5]
+    x = torch.randn(M, K, generator=gen, dtype=torch.float64)
+    A = [torch.randn(L, E, r, K, generator=gen, dtype=torch.float64) for _ in widths]
+    B = [torch.randn(L, E, n, r, generator=gen, dtype=torch.float64) for n in widths]
+    ids = make_routing_ids(M, k, E, "invalid", gen)
+    aid = torch.tensor([0, -1, 2, 1, 2, -1])
+    scales = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64)
+    ranks = torch.tensor([4, 0, 2])
+    w = torch.rand(M, k, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(M * k, sum(widths), generator=gen, dtype=torch.float64)
+    y = ref.add_moe_lora_ref(y0.clone(), x, A, B, ids, w, aid, scales, ranks)
+    want = y0.clone()
+    for t in range(M):
+        i = int(aid[t])
+        for j in range(k):
+            e = int(ids[t, j])
+            if i < 0 or not 0 <= e < E:
+                continue
+            rk, off = int(ranks[i]), 0
+            for a, b in zip(A, B):
+                n = b.shape[2]
+                want[t * k + j, off:off + n] += float(w[t, j]) * float(scales[i]) * (x[t] @ a[i, e, :rk].t()) @ b[i, e, :, :rk].t()
+                off += n
+    assert torch.allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_is_the_gradient_oracle():
+    c = make_case(5, 2, 3, 4, 6, 2, torch.float64, bias=True, device="cpu")
+    leaves = [c[n].double().clone().requires_grad_() for n in ("x", "A", "B", "w")]
+
+    def f(x, A, B, w):
+        return ref.moe_lora_linear_ref(x, c["W"], A, B, 0.7, c["ids"], w, c["bias"], True)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+# ----------------------------------------------------------------------------------------------
+# the routing metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiles(r: MoERouting, which="expert"):
+    sorted_pairs, tiles, bm = r.expert_groups if which == "expert" else r.lora_groups
+    out = []
+    for g, s, e in tiles.t().tolist():
+        if g >= 0:
+            assert 0 < e - s <= bm
+            out.append((g, sorted_pairs[s:e].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("M,k,E,block_m", [(0, 2, 4, 16), (1, 1, 1, 16), (37, 2, 8, 16), (50, 8, 16, 32), (9, 3, 64, 64)])
+def test_routing_tiles_cover_every_pair_once(M, k, E, block_m):
+    gen = torch.Generator().manual_seed(M + k)
+    ids = make_routing_ids(M, k, E, "invalid", gen).to(DEV)
+    r = MoERouting(ids, E, block_m=block_m)
+    seen = []
+    flat = ids.reshape(-1).tolist()
+    for g, pairs in _tiles(r):
+        for p in pairs:
+            want = flat[p] if 0 <= flat[p] < E else E
+            assert g == want, f"pair {p} (expert {flat[p]}) in a tile of group {g}"
+        assert pairs == sorted(pairs), "stable order within a group"
+        seen += pairs
+    assert sorted(seen) == list(range(M * k)), "every pair exactly once"
+    used = {g for g, _ in _tiles(r)}
+    empty = set(range(E)) - {e for e in flat if 0 <= e < E}
+    assert not (used & empty), "an expert with no token got a tile"
+    counts = torch.bincount(torch.tensor([e if 0 <= e < E else E for e in flat] + [E]), minlength=E + 1)
+    counts[E] -= 1
+    assert r.expert_counts.tolist() == counts.tolist()
+
+
+def test_routing_capacity_update_and_adapter_groups():
+    gen = torch.Generator().manual_seed(1)
+    E, L, k = 6, 3, 2
+    r = MoERouting(make_routing_ids(4, k, E, "random", gen).to(DEV), E, adapter_ids=torch.tensor([0, -1, 2, 1], device=DEV),
+                   num_adapters=L, max_tokens=16, block_m=16)
+    bufs = [t.data_ptr() for t in (r.expert_sorted, r.expert_tiles, r.lora_sorted, r.lora_tiles)]
+    ids = make_routing_ids(11, k, E, "invalid", gen).to(DEV)
+    aid = torch.randint(-1, L, (11,), generator=gen).to(DEV)
+    r.update_(ids, aid)
+    assert [t.data_ptr() for t in (r.expert_sorted, r.expert_tiles, r.lora_sorted, r.lora_tiles)] == bufs, "in place"
+    fresh = MoERouting(ids, E, adapter_ids=aid, num_adapters=L, max_tokens=16, block_m=16)
+    assert _tiles(r) == _tiles(fresh) and _tiles(r, "lora") == _tiles(fresh, "lora")
+    seen = []
+    for g, pairs in _tiles(r, "lora"):
+        a, e = divmod(g, E)
+        for p in pairs:
+            assert int(aid[p // k]) == a and int(ids.reshape(-1)[p]) == e
+        seen += pairs
+    want = [p for p in range(11 * k) if int(aid[p // k]) >= 0 and 0 <= int(ids.reshape(-1)[p]) < E]
+    assert sorted(seen) == want, "the lora tiles hold exactly the pairs with an adapter and an expert"
+    with pytest.raises(LoRAInputError, match="max_tokens|M <= 16"):
+        r.update_(make_routing_ids(17, k, E, "random", gen).to(DEV), torch.zeros(17, dtype=torch.int64, device=DEV))
+
+
+def test_pick_block_m():
+    assert pick_block_m(8, 64) == 16 and pick_block_m(4096, 8) == 64 and pick_block_m(600, 16) == 64
+    assert pick_block_m(400, 16) == 32
+
+
+# ----------------------------------------------------------------------------------------------
+# the training op on each backend against the float64 reference (forward and every gradient)
+# ----------------------------------------------------------------------------------------------
+
+# (M, k, E, N, K, r, pattern, pair_rows, combine, extras)
+CASES = [
+    (13, 2, 5, 24, 20, 4, "random", False, False, {}),  # gate/up: token rows -> pair rows
+    (13, 2, 5, 24, 20, 4, "random", True, True, {}),  # down: pair rows -> combined token rows
+    (13, 2, 5, 24, 20, 4, "random", False, True, {}),  # token rows, combined
+    (9, 1, 4, 17, 33, 1, "ties", False, True, {}),  # top-1, rank 1, odd N / K, ties
+    (6, 8, 8, 16, 12, 16, "random", True, True, dict(bias=True)),  # top-8 of 8, bias
+    (11, 2, 16, 20, 16, 8, "skewed", False, False, dict(weights=False)),  # most experts without tokens
+    (10, 3, 6, 18, 14, 5, "invalid", True, True, dict(bias=True)),  # ids outside [0, E)
+    (7, 2, 4, 16, 16, 3, "dup", False, True, dict(shared_a=True)),  # one expert twice per token, shared A
+    (8, 2, 3, 20, 24, 33, "random", False, False, dict(lora=False)),  # the plain grouped GEMM (no LoRA)
+    (1, 2, 4, 16, 16, 2, "random", True, True, {}),  # one token
+]
+
+
+def _ids(case):
+    M, k, E, N, K, r, pattern, pair_rows, combine, extra = case
+    return f"M{M}k{k}E{E}N{N}K{K}r{r}-{pattern}-{'pair' if pair_rows else 'tok'}{'-comb' if combine else ''}" + \
+        "".join(f"-{n}" for n in extra)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_torch_backend_matches_reference(case):
+    M, k, E, N, K, r, pattern, pair_rows, combine, extra = case
+    c = make_case(M, k, E, N, K, r, torch.float64, pattern=pattern, pair_rows=pair_rows, **extra)
+    c["w"] = None if c["w"] is None else c["w"].double()
+    check_against_reference(c, combine, "torch", TOL[torch.float64])
+
+
+@pytest.mark.parametrize("combine", [False, True])
+def test_zero_tokens(combine):
+    c = make_case(0, 2, 4, 8, 6, 2, torch.float32, pair_rows=combine)
+    y, leaves = run_op(c, combine, "torch")
+    assert y.shape == ((0, 8) if combine else (0, 8))
+    y.sum().backward()
+    assert leaves["A"].grad is not None and float(leaves["A"].grad.abs().sum()) == 0.0
+
+
+def test_weight_and_bias_gradients_when_they_require_grad():
+    """LoRA training freezes the experts, but a trainable weight / bias gets its exact gradient (plain torch path)."""
+    c = make_case(9, 2, 4, 10, 8, 3, torch.float64, bias=True, pattern="invalid")
+    c["w"] = c["w"].double()
+    W, b = c["W"].clone().requires_grad_(), c["bias"].clone().requires_grad_()
+    y = lk.moe_lora_linear(c["x"], W, c["A"], c["B"], 0.7, c["ids"], c["w"], b, combine=True, backend="torch")
+    Wr, br = c["W"].clone().requires_grad_(), c["bias"].clone().requires_grad_()
+    yr = ref.moe_lora_linear_ref(c["x"], Wr, c["A"], c["B"], 0.7, c["ids"], c["w"], br, True)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, (W, b), dy)
+    gr = torch.autograd.grad(yr, (Wr, br), dy)
+    assert_close_rel(g[0], gr[0], TOL[torch.float64], "dW")
+    assert_close_rel(g[1], gr[1], TOL[torch.float64], "dbias")
+
+
+@pytest.fixture
+def poisoned_triton(monkeypatch):
+    """The Triton launchers' outputs and scratch buffers start as NaN: an element no kernel wrote shows up."""
+    from lora_kernels.triton import moe_lora as tm
+
+    monkeypatch.setattr(tm, "_alloc", lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype, device=device)))
+    return tm
+
+
+# fp32 on most cases, fp16 (FlashAttention rule too) on the representative ones (interpreter time)
+TRITON_CASES = [(CASES[i], torch.float32) for i in (0, 1, 3, 4, 6, 7, 8, 9)] + \
+    [(CASES[i], torch.float16) for i in (0, 1, 4, 6)]
+
+
+@needs_triton
+@pytest.mark.parametrize("case,dtype", TRITON_CASES, ids=[f"{_ids(c)}-{str(d)[6:]}" for c, d in TRITON_CASES])
+def test_triton_matches_reference(case, dtype, poisoned_triton):
+    M, k, E, N, K, r, pattern, pair_rows, combine, extra = case
+    c = make_case(M, k, E, N, K, r, dtype, pattern=pattern, pair_rows=pair_rows, **extra)
+    check_against_reference(c, combine, "triton", F32_TOL if dtype == torch.float32 else TOL[dtype])
+
+
+@needs_triton
+def test_triton_strided_inputs_and_transposed_weight(poisoned_triton):
+    """x a column slice, W stored [E, K, N] (GPT-OSS) and read as W.transpose(1, 2), B a strided view (PEFT's
+    [N, r·E] lora_B read per expert), topk_weights non-contiguous: no copies, same result."""
+    M, k, E, N, K, r = 10, 2, 4, 20, 18, 3
+    c = make_case(M, k, E, N, K, r, torch.float32, bias=True)
+    gen = torch.Generator().manual_seed(9)
+    big = torch.randn(M, K + 7, generator=gen).to(DEV)
+    c["x"] = big[:, 3:3 + K]
+    c["W"] = c["W"].transpose(1, 2).contiguous().transpose(1, 2)  # storage [E, K, N]
+    c["B"] = c["B"].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # storage [N, r, E] (PEFT's lora_B layout)
+    c["w"] = torch.rand(k, M, generator=gen).to(DEV).t()
+    assert not c["x"].is_contiguous() and not c["W"].is_contiguous() and not c["B"].is_contiguous()
+    check_against_reference(c, True, "triton", F32_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("r", [16, 128])
+def test_triton_rank_tiles(r, poisoned_triton):
+    c = make_case(12, 2, 3, 16, 16, r, torch.float32)
+    check_against_reference(c, True, "triton", F32_TOL)
+
+
+@needs_triton
+def test_triton_gradient_subsets(poisoned_triton):
+    """Only some gradients asked for (frozen A: LoRA-FA; no router grad; dB only): each alone equals the reference."""
+    c = make_case(9, 2, 4, 16, 16, 4, torch.float32)
+    y_ref, rl = ref_forward(c, True, grad=True)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(2))
+    (y_ref * dy).sum().backward()
+    for wanted in (("B",), ("x", "B"), ("A", "w"), ("w",)):
+        leaves = {n: c[n].detach().clone().requires_grad_(n in wanted) for n in ("x", "A", "B", "w")}
+        y = lk.moe_lora_linear(leaves["x"], c["W"], leaves["A"], leaves["B"], c["scale"], c["ids"], leaves["w"],
+                               combine=True, backend="triton")
+        (y * dy.to(y.device)).sum().backward()
+        for n in ("x", "A", "B", "w"):
+            if n in wanted:
+                assert_close_rel(leaves[n].grad, rl[n].grad, F32_TOL, f"d{n} ({wanted})")
+            else:
+                assert leaves[n].grad is None
+
+
+@needs_triton
+def test_triton_with_a_shared_routing_and_padding_capacity(poisoned_triton):
+    """One MoERouting built with spare capacity (as a serving engine would) drives both projections."""
+    M, k, E = 7, 2, 5
+    c1 = make_case(M, k, E, 24, 16, 4, torch.float32)
+    r = MoERouting(c1["ids"], E, max_tokens=32, block_m=16)
+    y1, _ = run_op(c1, False, "triton", grad=False, routing=r)
+    assert_close_rel(y1, ref_forward(c1, False)[0], F32_TOL, "gate_up")
+    c2 = make_case(M, k, E, 16, 24, 4, torch.float32, pair_rows=True)
+    c2["ids"] = c1["ids"]
+    y2, _ = run_op(c2, True, "triton", grad=False, routing=r)
+    assert_close_rel(y2, ref_forward(c2, True)[0], F32_TOL, "down")
+
+
+# ----------------------------------------------------------------------------------------------
+# serving: add_moe_lora over [L, E, ...] slots and per-token adapter ids
+# ----------------------------------------------------------------------------------------------
+
+
+def serve_case(M, k, E, K, widths, L, r_max, dtype, *, ranks=None, pattern="random", pair_rows=False, weights=False,
+               seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M * k if pair_rows else M, K, generator=gen)
+    A = [torch.randn(L, E, r_max, K, generator=gen) / math.sqrt(K) for _ in widths]
+    B = [torch.randn(L, E, n, r_max, generator=gen) / math.sqrt(r_max) for n in widths]
+    ids = make_routing_ids(M, k, E, pattern, gen)
+    aid = torch.randint(-1, L, (M,), generator=gen)
+    if M:
+        aid[::4] = -1
+    scales = torch.rand(L, generator=gen) + 0.5
+    w = torch.rand(M, k, generator=gen) if weights else None
+    y = torch.randn(M * k, sum(widths), generator=gen)  # random, not poison: rows without an adapter stay bit-identical
+    to = lambda t, dt=dtype: None if t is None else t.to(DEV, dt)  # noqa: E731
+    return dict(y=to(y), x=to(x), A=[to(a) for a in A], B=[to(b) for b in B], ids=ids.to(DEV), aid=aid.to(DEV),
+                scales=to(scales, torch.float32), w=to(w, torch.float32),
+                ranks=None if ranks is None else torch.tensor(ranks, dtype=torch.int32, device=DEV))
+
+
+def serve_expected(c):
+    d = torch.float64
+    return ref.add_moe_lora_ref(c["y"].to(d).clone(), c["x"].to(d), [a.to(d) for a in c["A"]], [b.to(d) for b in c["B"]],
+                                c["ids"], None if c["w"] is None else c["w"].to(d), c["aid"], c["scales"].to(d),
+                                c["ranks"])
+
+
+def serve_lowp(c):
+    return ref.add_moe_lora_ref(c["y"].clone(), c["x"], c["A"], c["B"], c["ids"], c["w"], c["aid"], c["scales"].to(c["y"].dtype),
+                                c["ranks"])
+
+
+def serve_check(c, y, tol, what):
+    k = c["ids"].shape[1]
+    E = c["A"][0].shape[1]
+    skip = (c["aid"].repeat_interleave(k) < 0) | (c["ids"].reshape(-1) < 0) | (c["ids"].reshape(-1) >= E)
+    assert torch.equal(y[skip], c["y"][skip]), f"{what}: rows without adapter or expert were modified"
+    exp = serve_expected(c)
+    assert_close_rel(y, exp, tol, what)
+    if y.dtype == torch.float16:
+        assert_fa_rule(y, exp, serve_lowp(c), what)
+
+
+SERVE_CASES = [
+    # (M, k, E, K, widths, L, r_max, ranks, pattern, pair_rows, weights)
+    (13, 2, 4, 24, [16, 16], 3, 16, [16, 5, 0], "random", False, False),  # w13: gate + up slices, mixed ranks
+    (13, 2, 4, 16, [24], 3, 16, None, "invalid", True, True),  # w2: pair rows, routing weights
+    (9, 1, 3, 20, [17], 2, 8, [1, 8], "ties", False, False),  # top-1
+    (5, 8, 8, 16, [16, 16], 4, 32, [32, 17, 3, 0], "random", False, True),  # top-8
+    (1, 2, 4, 16, [16], 2, 16, None, "random", True, False),  # one token
+    (0, 2, 4, 16, [16], 2, 16, None, "random", False, False),  # no tokens
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", SERVE_CASES, ids=lambda c: f"M{c[0]}k{c[1]}E{c[2]}-{c[8]}-{'pair' if c[9] else 'tok'}")
+def test_add_moe_lora_matches_reference(case, dtype, backend, monkeypatch):
+    M, k, E, K, widths, L, r_max, ranks, pattern, pair_rows, weights = case
+    if backend == "torch" and dtype == torch.float16 and not HAS_CUDA:
+        dtype = torch.float64  # the CPU torch backend: float64 exactly instead
+    c = serve_case(M, k, E, K, widths, L, r_max, dtype, ranks=ranks, pattern=pattern, pair_rows=pair_rows, weights=weights)
+    y = c["y"].clone()
+    with torch.no_grad():
+        lk.add_moe_lora(y, c["x"], c["A"], c["B"], c["ids"], c["aid"], c["scales"], c["ranks"], c["w"], backend=backend)
+    tol = {torch.float64: TOL[torch.float64], torch.float32: F32_TOL, torch.float16: TOL[torch.float16]}[dtype]
+    serve_check(c, y, tol, f"{backend} {dtype}")
+
+
+@needs_triton
+def test_add_moe_lora_cuda_graph_style_replays():
+    """One routing with a fixed capacity, updated in place between batches (what a captured CUDA graph replays): every
+    batch equals a fresh computation, and the kernels' grid never depends on the batch."""
+    from lora_kernels.triton import moe_lora as tm
+
+    E, L, k, cap = 4, 3, 2, 24
+    r = None
+    grids = set()
+    orig = tm._moe_delta_kernel.run
+
+    def spy(*args, grid, **kw):
+        grids.add(grid({"BLOCK_N": 32}) if callable(grid) else grid)
+        return orig(*args, grid=grid, **kw)
+
+    tm._moe_delta_kernel.run = spy
+    try:
+        for seed, M in ((0, 5), (1, 24), (2, 1)):
+            c = serve_case(M, k, E, 16, [20], L, 16, torch.float32, ranks=[16, 4, 9], seed=seed, pattern="invalid",
+                           weights=True)
+            if r is None:
+                r = MoERouting(c["ids"], E, adapter_ids=c["aid"], num_adapters=L, max_tokens=cap, block_m=16)
+            else:
+                r.update_(c["ids"], c["aid"])
+            y = c["y"].clone()
+            with torch.no_grad():
+                lk.add_moe_lora(y, c["x"], c["A"], c["B"], c["ids"], c["aid"], c["scales"], c["ranks"], c["w"], routing=r,
+                                backend="triton")
+            serve_check(c, y, F32_TOL, f"batch {seed}")
+    finally:
+        tm._moe_delta_kernel.run = orig
+    assert len(grids) == 1, f"the grid changed with the batch: {grids}"
+
+
+@needs_triton
+def test_triton_paths_read_nothing_on_the_host(monkeypatch):
+    """With a prebuilt routing and the value checks off (as inside a CUDA-graph capture), neither the serving update
+    nor the training forward / backward reads a device value on the host (no aten._local_scalar_dense: .item(),
+    .tolist(), bool())."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostRead(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a device value was read on the host"
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("LORA_KERNELS_CHECK_DATA", "0")
+    c = serve_case(9, 2, 4, 16, [16, 16], 3, 16, torch.float32, ranks=[16, 3, 0], weights=True)
+    r = MoERouting(c["ids"], 4, adapter_ids=c["aid"], num_adapters=3, max_tokens=16, block_m=16)
+    y = c["y"].clone()
+    with torch.no_grad(), NoHostRead():
+        lk.add_moe_lora(y, c["x"], c["A"], c["B"], c["ids"], c["aid"], c["scales"], c["ranks"], c["w"], routing=r,
+                        backend="triton")
+        r.update_(c["ids"], c["aid"])
+    serve_check(c, y, F32_TOL, "under NoHostRead")
+    t = make_case(9, 2, 4, 16, 16, 4, torch.float32)
+    rt = MoERouting(t["ids"], 4, block_m=16)
+    leaves = {n: t[n].clone().requires_grad_() for n in ("x", "A", "B", "w")}
+    with NoHostRead():
+        y = lk.moe_lora_linear(leaves["x"], t["W"], leaves["A"], leaves["B"], 0.5, t["ids"], leaves["w"], combine=True,
+                               routing=rt, backend="triton")
+        y.sum().backward()
+    assert all(leaves[n].grad is not None for n in leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors (raised before any kernel runs), opcheck
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_args(**over):
+    c = make_case(5, 2, 3, 8, 6, 2, torch.float32)
+    args = dict(x=c["x"], weight=c["W"], lora_a=c["A"], lora_b=c["B"], scale=0.5, topk_ids=c["ids"], topk_weights=c["w"],
+                bias=None)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(weight=torch.zeros(3, 8)), r"weight must be 3-D \[E, N, K\]"),
+    (dict(x=torch.zeros(5, 7)), r"x has 7 features but weight is \[3, 8, 6\]"),
+    (dict(x=torch.zeros(6, 6)), r"x must have M=5 rows .* or M·k=10 rows"),
+    (dict(lora_a=torch.zeros(2, 2, 6)), r"lora_a must be \[E=3, r, K=6\]"),
+    (dict(lora_b=torch.zeros(3, 8, 3)), r"rank mismatch: lora_a has r=2 but lora_b has 3"),
+    (dict(lora_b=None), r"lora_a and lora_b must be given together"),
+    (dict(topk_ids=torch.zeros(5, 2)), r"topk_ids must be a 2-D int32 or int64 tensor"),
+    (dict(topk_weights=torch.zeros(5, 3)), r"topk_weights must be \[M=5, k=2\]"),
+    (dict(bias=torch.zeros(3, 7)), r"bias must be \[E=3, N=8\]"),
+    (dict(scale=float("nan")), r"scale must be finite"),
+    (dict(x=torch.zeros(5, 6, dtype=torch.float64)), r"weight dtype torch.float32 must equal x dtype torch.float64"),
+])
+def test_moe_lora_linear_errors(over, match):
+    args = _train_args(**{k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in over.items()})
+    with pytest.raises(LoRAInputError, match=match):
+        lk.moe_lora_linear(**args)
+
+
+def test_routing_mismatch_is_an_error():
+    args = _train_args()
+    other = MoERouting(torch.zeros(5, 2, dtype=torch.int64, device=DEV), 3)
+    with pytest.raises(LoRAInputError, match="routing was built from different topk_ids"):
+        lk.moe_lora_linear(**args, routing=other)
+    with pytest.raises(LoRAInputError, match="routing was built for E=4 experts"):
+        lk.moe_lora_linear(**args, routing=MoERouting(args["topk_ids"], 4))
+    with pytest.raises(LoRAInputError, match="routing describes 3 tokens"):
+        lk.moe_lora_linear(**args, routing=MoERouting(args["topk_ids"][:3], 3))
+
+
+@pytest.mark.parametrize("what,match", [
+    ("ids_high", r"adapter id out of range: adapter_ids must be in \[-1, L=3\), got min -1, max 3"),
+    ("ids_low", r"adapter id out of range"),
+    ("rank", r"ranks must be in \[0, r_max=16\]"),
+    ("scale", r"scales must be finite"),
+    ("y_rows", r"y must be 2-D \[M·k=18, N\]"),
+    ("width", r"slice widths \[16, 16\] sum to 32 but y has 31 columns"),
+    ("a4d", r"lora_a must be \[L, E, r_max, K\]"),
+    ("grad", r"requires grad, but add_moe_lora is an inference op"),
+    ("overlap", r"y overlaps x in memory"),
+    ("routing", r"routing was built without adapter_ids"),
+])
+def test_add_moe_lora_errors_leave_y_untouched(what, match):
+    c = serve_case(9, 2, 4, 16, [16, 16], 3, 16, torch.float32, ranks=[16, 3, 0])
+    y, x, A, B, aid, scales, ranks = c["y"].clone(), c["x"], c["A"], c["B"], c["aid"].clone(), c["scales"].clone(), c["ranks"].clone()
+    routing = None
+    if what == "ids_high":
+        aid[2] = 3
+    elif what == "ids_low":
+        aid[2] = -2
+    elif what == "rank":
+        ranks[0] = 17
+    elif what == "scale":
+        scales[1] = float("inf")
+    elif what == "y_rows":
+        y = y[:-1]
+    elif what == "width":
+        y = y[:, :-1]
+    elif what == "a4d":
+        A = [a[0] for a in A]
+    elif what == "grad":
+        x = x.clone().requires_grad_()
+    elif what == "overlap":
+        x = y[: x.shape[0], :16]
+    elif what == "routing":
+        routing = MoERouting(c["ids"], 4)
+    before = y.clone()
+    with pytest.raises(LoRAInputError, match=match):
+        lk.add_moe_lora(y, x, A, B, c["ids"], aid, scales, ranks, routing=routing)
+    assert torch.equal(y, before), "y changed although the call failed"
+
+
+@needs_triton
+def test_triton_rank_above_128_is_a_clear_error():
+    c = make_case(4, 2, 2, 16, 16, 129, torch.float32)
+    with pytest.raises(LoRAInputError, match="rank 129 > 128"):
+        lk.moe_lora_linear(c["x"], c["W"], c["A"], c["B"], 0.5, c["ids"], backend="triton")
+
+
+def test_opcheck():
+    c = make_case(6, 2, 3, 8, 6, 2, torch.float32, pair_rows=True, bias=True)
+    ops = torch.ops.lora_kernels
+    for combine in (False, True):
+        torch.library.opcheck(ops.moe_lora_fwd, (c["x"], c["W"], c["bias"], c["A"], c["B"], 0.5, c["ids"], c["w"], combine,
+                                                 "torch"))
+    y, xa = ops.moe_lora_fwd(c["x"], c["W"], c["bias"], c["A"], c["B"], 0.5, c["ids"], c["w"], True, "torch")
+    dy = torch.randn_like(y)
+    for mask in ([True, True, True, True], [False, True, False, True]):
+        torch.library.opcheck(ops.moe_lora_bwd, (dy, c["x"], xa, c["W"], c["bias"], c["A"], c["B"], 0.5, c["ids"], c["w"],
+                                                 True, mask, "torch"))
+    s = serve_case(6, 2, 3, 16, [8, 8], 2, 4, torch.float32, ranks=[4, 2], weights=True)
+    torch.library.opcheck(ops.add_moe_lora_, (s["y"].clone(), s["x"], s["A"], s["B"], s["ids"], s["w"], s["aid"], s["scales"],
+                                              s["ranks"], "torch"))
