@@ -13,8 +13,9 @@ Two parts, each printing ours ÷ PEFT as the median of per-round ratios with its
   ``peft+patch`` (``lora_kernels.peft.patch``) and ``inject_lora``, dropout 0 and 0.1; each round runs one step of
   every variant (order rotated), thread CPU time per step.
 * **overhead** — the fixed per-call cost at a tiny shape (M=4, K=N=16, r=4): one fwd+bwd of ``nn.Linear``, of
-  PEFT's layer, of a patched PEFT layer, of ``LoRALinear`` and of ``lora_kernels.lora_linear``; each minus
-  ``nn.Linear``'s is that path's per-layer overhead.
+  PEFT's layer, of a patched PEFT layer, of ``LoRALinear`` and of ``lora_kernels.lora_linear`` (``backend`` as
+  given, plus the patched layer and ``LoRALinear`` with the default ``backend=None``, i.e. the auto choice made
+  on every call); each minus ``nn.Linear``'s is that path's per-layer overhead.
 
     python benchmarks/bench_cpu.py [--parts layer,llama,overhead] [--rounds 9] [--dtypes fp32,bf16]
         [--M 256,1024,2048] [--backend torch] [--out benchmarks/results/cpu_<date>.json] [--md FILE]
@@ -175,8 +176,12 @@ def overhead_cell(rounds: int, backend: Optional[str]) -> Dict[str, List[float]]
     peft_m = get_peft_model(One(), LoraConfig(**cfg))
     patched = get_peft_model(One(), LoraConfig(**cfg))
     lkp.patch(patched, backend=backend, verbose=False)
+    patched_auto = get_peft_model(One(), LoraConfig(**cfg))
+    lkp.patch(patched_auto, backend=None, verbose=False)
     ours = lk.LoRALinear(nn.Linear(k, n), r=4, alpha=8, backend=backend)
     ours.bias.requires_grad_(False)  # frozen like PEFT's base bias (mark_only_lora_as_trainable does this)
+    ours_auto = lk.LoRALinear(nn.Linear(k, n), r=4, alpha=8, backend=None)
+    ours_auto.bias.requires_grad_(False)
     A = torch.randn(4, k, requires_grad=True)
     B = torch.randn(n, 4, requires_grad=True)
     x = torch.randn(4, k, requires_grad=True)
@@ -192,6 +197,10 @@ def overhead_cell(rounds: int, backend: Optional[str]) -> Dict[str, List[float]]
         "LoRALinear": fb(ours, (ours.lora_A,)),
         "lk.lora_linear": fb(lambda t: lk.lora_linear(t, lin.weight, A, B, 2.0, lin.bias, backend=backend), (A,)),
     }
+    if backend is not None:  # the default (backend=None): resolve_backend runs its auto choice on every call
+        fns["peft+patch (auto)"] = fb(patched_auto.base_model.model.lin,
+                                      (patched_auto.base_model.model.lin.lora_A["default"].weight,))
+        fns["LoRALinear (auto)"] = fb(ours_auto, (ours_auto.lora_A,))
     return interleaved(fns, rounds=rounds, warmup=3, target_s=2e-2)
 
 

@@ -143,7 +143,8 @@ class _KeepMask:
         n = max(1, min(rows, max_rows))
         self.numpy = device.type == "cpu" and _np is not None
         if self.numpy:
-            self.thr = _np.uint32(min(thr, 0xFFFFFF))
+            # keep iff (h >> 8) >= thr  <=>  h >= thr << 8 (uint32, thr < 2^24 here): one comparison, no shift
+            self.bound_u32 = _np.uint32(min(thr, 0xFFFFFF) << (32 - ref.DROPOUT_HASH_BITS))
             row_h = _np.arange(row0, row0 + rows, dtype=_np.uint32)  # rows < 2^32 (a tensor's row count)
             _np.add(row_h, _np.uint32(seed_h), out=row_h)
             self.row_h = _np_mix32_(row_h, _np.empty_like(row_h))[:, None]
@@ -175,8 +176,7 @@ class _KeepMask:
             h, t = self._h[:n], self._t[:n]
             _np.add(self.row_h[r0:r1], self.k, out=h)  # k + mix32(m + mix32(seed)), wrapping
             _np_mix32_(h, t)
-            _np.right_shift(h, 32 - ref.DROPOUT_HASH_BITS, out=h)
-            _np.greater_equal(h, self.thr, out=keep.numpy().view(_np.bool_))
+            _np.greater_equal(h, self.bound_u32, out=keep.numpy().view(_np.bool_))
             return keep
         h, t = self._h[:n], self._t[:n]
         torch.add(self.row_h[r0:r1], self.k, out=h)  # k + mix32(m + mix32(seed)), wrapping like uint32
