@@ -216,12 +216,17 @@ def inject_lora(
     """
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    from .moe import inject_moe_lora  # MoE experts (3-D expert parameters, nn.ModuleList experts): lora_kernels/moe.py
+
+    moe_hits = inject_moe_lora(model, target_modules, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
     hits = [
         (name, mod)
         for name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and not isinstance(mod, (LoRALinear, LoRAQuantLinear)) and _matches(name, target_modules)
     ]
     if not hits:
+        if moe_hits:
+            return model
         raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r}")
     names_of: Dict[int, list] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):

@@ -232,6 +232,12 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, verbose: bool = Tr
             quant_forward = peft_quant_forward(mod, _orig_forward, _adapter_reason, _log_once)
             if quant_forward is not None:
                 reason, forward = None, quant_forward
+        if reason is not None and hasattr(mod, "parameter_name"):  # target_parameters (MoE experts): lora_kernels/moe.py
+            from .moe import peft_param_forward
+
+            reason, forward = peft_param_forward(mod, reason, _orig_forward, _adapter_reason, _log_once)
+            if reason is None and forward is None:
+                continue  # nested in another ParamWrapper, whose patched forward runs it
         if reason is None:
             names = list(mod.lora_A.keys())
             reasons = {n: _adapter_reason(mod, n) for n in names}

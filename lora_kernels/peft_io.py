@@ -113,7 +113,8 @@ def read_peft_adapter(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, to
 
     Returns ``(config, {module_path: (lora_A [r, K], lora_B [N, r], scale)})``: ``config`` is the parsed
     ``adapter_config.json``; ``module_path`` is the module's name in the base model (PEFT's
-    ``base_model.model.`` prefix removed); tensors stay on the CPU in their saved dtype; ``scale`` follows
+    ``base_model.model.`` prefix removed; a ``target_parameters`` adapter of MoE expert weights is keyed
+    ``"<module path>.<parameter>"`` with A [E, r, in] and B [E, out, r]); tensors stay on the CPU in their saved dtype; ``scale`` follows
     ``lora_alpha``, ``r``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``. Raises on DoRA,
     ``fan_in_fan_out``, ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
     """
@@ -124,6 +125,11 @@ def read_peft_adapter(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, to
 def _parse(path: str):
     config, pairs, other = _read(path)
     _check_supported(config, f"read_peft_adapter({path!r})")
+    params = {}
+    if config.get("target_parameters"):  # PEFT target_parameters (MoE expert weights): lora_kernels/moe.py
+        from .moe import split_param_pairs
+
+        pairs, params = split_param_pairs(config, pairs, peft_scale)
     emb = [k for k in other if "lora_embedding" in k or "lora_magnitude" in k]
     if emb:
         raise ValueError(f"read_peft_adapter({path!r}): unsupported tensors (embedding LoRA / DoRA): {emb[:3]}")
@@ -143,6 +149,7 @@ def _parse(path: str):
                 f"read_peft_adapter({path!r}): module {mpath!r} has rank {a.shape[0]} but the config says r={r}"
             )
         out[mpath] = (a, b, scale)
+    out.update(params)  # "<experts path>.<parameter>": (A [E, r, in], B [E, out, r], scale)
     return config, out, other
 
 
@@ -172,20 +179,26 @@ def save_peft_adapter(
     adapted layers' biases are stored too (PEFT's ``bias="lora_only"``). Returns the config dict written.
     """
     mods = _lora_modules(model)
-    if not mods:
+    from .moe import peft_moe_entries  # MoE expert LoRA (target_parameters / per-expert keys): lora_kernels/moe.py
+
+    moe_tensors, moe_params, moe_modules, moe_cfg = peft_moe_entries(model)
+    if not mods and not moe_tensors:
         raise ValueError("save_peft_adapter: the model has no LoRALinear modules (use lora_kernels.inject_lora first)")
-    rslora = {m.use_rslora for m in mods.values()}
+    cfgs = {p: (m.r, m.alpha, m.use_rslora) for p, m in mods.items()}
+    cfgs.update(moe_cfg)
+    rslora = {c[2] for c in cfgs.values()}
     if len(rslora) > 1:
         raise ValueError("save_peft_adapter: PEFT has one use_rslora flag per adapter; the model mixes both")
-    r0 = _most_common(m.r for m in mods.values())
-    a0 = _most_common(m.alpha for m in mods.values())
-    rank_pattern = {p: m.r for p, m in mods.items() if m.r != r0}
-    alpha_pattern = {p: (int(m.alpha) if float(m.alpha).is_integer() else m.alpha) for p, m in mods.items() if m.alpha != a0}
+    r0 = _most_common(c[0] for c in cfgs.values())
+    a0 = _most_common(c[1] for c in cfgs.values())
+    rank_pattern = {p: c[0] for p, c in cfgs.items() if c[0] != r0}
+    alpha_pattern = {p: (int(c[1]) if float(c[1]).is_integer() else c[1]) for p, c in cfgs.items() if c[1] != a0}
 
     leaves = sorted({p.rpartition(".")[2] for p in mods})
     by_leaf = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in leaves}
-    target_modules = leaves if by_leaf == set(mods) else sorted(mods)
-    dropout = _most_common(m.dropout for m in mods.values())
+    target_modules = (leaves if by_leaf == set(mods) else sorted(mods)) if mods else []
+    target_modules += moe_modules
+    dropout = _most_common(m.dropout for m in mods.values()) if mods else 0.0
 
     config = {
         "peft_type": "LORA",
@@ -205,8 +218,9 @@ def save_peft_adapter(
         "init_lora_weights": True,
         "use_dora": False,
         "lora_bias": False,
+        "target_parameters": moe_params or None,
     }
-    tensors = {}
+    tensors = {f"{PREFIX}{k}": v for k, v in moe_tensors.items()}
     for p, m in mods.items():
         tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
@@ -234,6 +248,11 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     config, adapters, other = _parse(path)
     mods = _lora_modules(model)
     where = f"load_peft_adapter_({path!r})"
+    from .moe import plan_peft_moe_load  # MoE expert LoRA: lora_kernels/moe.py
+
+    adapters, load_moe = plan_peft_moe_load(
+        model, config, {k: v for k, v in adapters.items() if v[0].dim() == 2},
+        {k: v for k, v in adapters.items() if v[0].dim() == 3}, strict=strict, adopt_scale=adopt_scale, where=where)
     unexpected = sorted(set(adapters) - set(mods))
     missing = sorted(set(mods) - set(adapters))
     if unexpected:
@@ -279,6 +298,7 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
             m.alpha, m.use_rslora, m.scale = alpha, bool(config.get("use_rslora", False)), scale
     for k, t in other.items():
         params[k.replace(".base_layer.", ".")].copy_(t)
+    load_moe()
     return model
 
 

@@ -647,3 +647,349 @@ def test_opcheck():
     s = serve_case(6, 2, 3, 16, [8, 8], 2, 4, torch.float32, ranks=[4, 2], weights=True)
     torch.library.opcheck(ops.add_moe_lora_, (s["y"].clone(), s["x"], s["A"], s["B"], s["ids"], s["w"], s["aid"], s["scales"],
                                               s["ranks"], "torch"))
+
+
+# ----------------------------------------------------------------------------------------------
+# modules: inject_lora on MoE experts (Transformers v5 3-D experts; nn.ModuleList experts)
+# ----------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+from lora_kernels.moe import LoRAExpertList, LoRAExperts  # noqa: E402
+
+
+def tiny_moe_model(kind, layers=1, seed=0):
+    """A tiny MoE causal LM built from a Transformers config (no download), float32, weights N(0, 0.1²)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    if kind == "mixtral":
+        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=24, num_local_experts=4,
+                                                                        num_experts_per_tok=2, **common))
+    elif kind == "qwen3_moe":
+        m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16,
+                                                                          num_experts=8, num_experts_per_tok=8, head_dim=8,
+                                                                          **common))
+    elif kind == "gpt_oss":
+        m = transformers.GptOssForCausalLM(transformers.GptOssConfig(intermediate_size=16, num_local_experts=4,
+                                                                      num_experts_per_tok=1, head_dim=8, **common))
+    else:
+        raise ValueError(kind)
+    m = m.float().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.1)
+    return m
+
+
+def _merged_copy(model, injected):
+    """A copy of the plain model whose expert weights hold W + s·B·A of the injected model (the reference)."""
+    import copy
+
+    ref_model = copy.deepcopy(model)
+    for name, m in injected.named_modules():
+        if isinstance(m, LoRAExperts):
+            tgt = ref_model.get_submodule(name)
+            for p in m.lora_A:
+                A = m.lora_A[p] if m.lora_A[p].dim() == 3 else m.lora_A[p].expand(m.lora_B[p].shape[0], -1, -1)
+                delta = m.lora_scale * torch.bmm(m.lora_B[p], A)  # [E, out, in]
+                with torch.no_grad():
+                    getattr(tgt, p).add_(delta.transpose(1, 2) if m.transposed else delta)
+    return ref_model
+
+
+@pytest.mark.parametrize("kind,backend", [("mixtral", "torch"), ("qwen3_moe", "torch"), ("gpt_oss", "torch"),
+                                          pytest.param("gpt_oss", "triton", marks=needs_triton),
+                                          pytest.param("mixtral", "triton", marks=needs_triton)])
+def test_inject_lora_on_3d_experts_equals_the_merged_model(kind, backend):
+    """Mixtral (gate_up [E, 2I, H]), Qwen3-MoE (top-8 of 8), GPT-OSS (transposed [E, in, out], biases, interleaved
+    gate/up, its own clamped SwiGLU): a fresh adapter equals the base model, a trained-looking one equals the model
+    with W + s·B·A merged into every expert."""
+    import copy
+
+    model = tiny_moe_model(kind)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want0 = model(ids).logits
+    inj = copy.deepcopy(model)
+    lk.inject_lora(inj, ["experts"], r=4, alpha=8, backend=backend)
+    experts = [m for m in inj.modules() if isinstance(m, LoRAExperts)]
+    assert len(experts) == 1 and set(experts[0].lora_A) == {"gate_up_proj", "down_proj"}
+    with torch.no_grad():
+        assert_close_rel(inj(ids).logits, want0, 1e-5, "fresh adapter")
+        for n, p in inj.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+        want = _merged_copy(model, inj)(ids).logits
+        assert_close_rel(inj(ids).logits, want, 1e-5, "adapter vs merged weights")
+        assert (want - want0).abs().max() > 1e-3, "the adapter changed nothing: the test would not see a wrong LoRA"
+
+
+def test_inject_lora_one_projection_and_trainable_set():
+    model = tiny_moe_model("mixtral")
+    lk.inject_lora(model, ["experts.down_proj", "q_proj"], r=2, alpha=4)
+    (experts,) = [m for m in model.modules() if isinstance(m, LoRAExperts)]
+    assert list(experts.lora_A) == ["down_proj"]
+    lk.mark_only_lora_as_trainable(model)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["model.layers.0.mlp.experts.lora_A.down_proj", "model.layers.0.mlp.experts.lora_B.down_proj",
+                         "model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B"]
+    sd = model.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd and "model.layers.0.mlp.experts.down_proj" in sd
+    with pytest.raises(ValueError, match="no dropout"):
+        lk.inject_lora(tiny_moe_model("mixtral"), ["experts"], r=2, alpha=4, dropout=0.1)
+
+
+class V4Expert(torch.nn.Module):
+    """Transformers v4's MixtralBlockSparseTop2MLP: w2(act(w1 x) · w3 x)."""
+
+    def __init__(self, H, I):
+        super().__init__()
+        self.w1, self.w2, self.w3 = (torch.nn.Linear(H, I, bias=False), torch.nn.Linear(I, H, bias=False),
+                                     torch.nn.Linear(H, I, bias=False))
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class V4Block(torch.nn.Module):
+    """Transformers v4's MixtralSparseMoeBlock: router, softmax, top-k, renormalise, a loop over the expert list."""
+
+    def __init__(self, H=16, I=24, E=4, k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, E, bias=False)
+        self.experts = torch.nn.ModuleList([V4Expert(H, I) for _ in range(E)])
+        self.top_k, self.E = k, E
+
+    def route(self, h):
+        w = torch.softmax(self.gate(h), dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        return (w / w.sum(-1, keepdim=True)).to(h.dtype), sel
+
+    def forward(self, h):
+        w, sel = self.route(h)
+        out = torch.zeros_like(h)
+        mask = torch.nn.functional.one_hot(sel, self.E).permute(2, 1, 0)
+        for e in range(self.E):
+            idx, top = torch.where(mask[e])
+            if top.numel():
+                out.index_add_(0, top, self.experts[e](h[top]) * w[top, idx, None])
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_expert_list_loop_and_grouped_paths(backend):
+    """nn.ModuleList experts: the parent's own loop (per-expert fused lora_linear) and the grouped forward agree with
+    each other and with merged weights, in outputs and LoRA gradients; keys unchanged; views survive .double()."""
+    import copy
+
+    torch.manual_seed(0)
+    blk = V4Block()
+    h = torch.randn(10, 16)
+    keys = list(blk.state_dict())
+    inj = copy.deepcopy(blk)
+    lk.inject_lora(inj, ["experts"], r=3, alpha=6, backend=backend)
+    assert isinstance(inj.experts, LoRAExpertList) and len(inj.experts) == 4
+    assert sorted(k for k in inj.state_dict() if "lora_" not in k) == sorted(keys)
+    with torch.no_grad():
+        assert_close_rel(inj(h), blk(h), 1e-6, "fresh adapter")
+        for n, p in inj.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    merged = copy.deepcopy(blk)
+    with torch.no_grad():
+        for e, ex in enumerate(merged.experts):
+            for n in ("w1", "w2", "w3"):
+                getattr(ex, n).weight += inj.experts.lora_scale * inj.experts.lora_B[n][e] @ inj.experts.lora_A[n][e]
+    y_loop = inj(h)
+    w, sel = inj.route(h)
+    y_grp = inj.experts(h, sel, w)
+    assert_close_rel(y_loop, merged(h).detach(), 1e-5, "loop vs merged")
+    assert_close_rel(y_grp, y_loop.detach(), 1e-5, "grouped vs loop")
+    params = [p for n, p in inj.named_parameters() if "lora_" in n]
+    g_loop = torch.autograd.grad(y_loop.square().sum(), params)
+    g_grp = torch.autograd.grad(y_grp.square().sum(), params)
+    for a, b in zip(g_grp, g_loop):
+        assert_close_rel(a, b, 1e-5, "LoRA gradients")
+    assert inj.experts[2].w3.weight.data_ptr() == inj.experts.gate_up[2, 24:].data_ptr()
+    inj.double()
+    assert inj.experts.gate_up.dtype == torch.float64
+    assert inj.experts[1].w2.weight.data_ptr() == inj.experts.down[1].data_ptr(), "views rebuilt after .double()"
+    sd = {k: v.clone() for k, v in inj.state_dict().items()}
+    sd["experts.3.w1.weight"].fill_(0.5)
+    inj.load_state_dict(sd)
+    assert bool((inj.experts.gate_up[3, :24] == 0.5).all()), "load_state_dict reaches the stacked storage"
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT target_parameters on the fused path; saved activations; PEFT adapter files
+# ----------------------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+import lora_kernels.peft as lkpeft  # noqa: E402
+from lora_kernels import moe as lkmoe  # noqa: E402
+from lora_kernels import peft_io  # noqa: E402
+
+
+def peft_moe_model(kind="mixtral", layers=2, r=4, seed=0):
+    model = tiny_moe_model(kind, layers=layers, seed=seed)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:  # PEFT initialises B = 0: make the adapter matter from step 0
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    return pm
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_peft_target_parameters_training_equals_peft(backend, monkeypatch):
+    """A tiny Mixtral (2 layers, 4 experts, top-2) with PEFT LoRA on q/v and target_parameters on both expert
+    projections: 3 AdamW steps with PEFT's own forward vs lora_kernels.peft.patch -- equal losses and gradients at
+    every step (the expert LoRA running on the grouped kernels, checked by counting the fused calls)."""
+    import copy
+
+    pm = peft_moe_model()
+    ours = copy.deepcopy(pm)
+    report = lkpeft.patch(ours, backend=backend)
+    assert sorted(p for p in report.patched if p.endswith("experts")) == [
+        "base_model.model.model.layers.0.mlp.experts", "base_model.model.model.layers.1.mlp.experts"]
+    calls = []
+    orig = lkmoe.experts_forward
+    monkeypatch.setattr(lkmoe, "experts_forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, ours)]
+    for step in range(3):
+        losses, grads = [], []
+        for m, opt in zip((pm, ours), opts):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert math.isclose(losses[0], losses[1], rel_tol=2e-6), f"step {step}: PEFT {losses[0]} vs ours {losses[1]}"
+        assert grads[0].keys() == grads[1].keys() and any("experts" in n for n in grads[0])
+        for n in grads[0]:
+            assert_close_rel(grads[1][n], grads[0][n], 2e-5, f"step {step} {n}")
+    assert len(calls) == 3 * 2, "the experts did not run on the fused path"
+
+
+def test_peft_patch_falls_back_with_peft_state():
+    """disable_adapter() and merged adapters take PEFT's own path (equal outputs); unpatch restores it."""
+    import copy
+
+    pm = peft_moe_model(layers=1)
+    ours = copy.deepcopy(pm)
+    lkpeft.patch(ours, backend="torch")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close_rel(ours(ids).logits, pm(ids).logits, 1e-5, "fused")
+        with ours.disable_adapter(), pm.disable_adapter():
+            assert_close_rel(ours(ids).logits, pm(ids).logits, 1e-6, "adapters disabled")
+        ours.merge_adapter()
+        assert_close_rel(ours(ids).logits, pm(ids).logits, 1e-5, "merged")
+        ours.unmerge_adapter()
+    assert lkpeft.unpatch(ours) >= 3
+
+
+def _saved_bytes(fn, exclude):
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, except those of ``exclude`` (parameters)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = (st.nbytes(), tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(b for b, _ in seen.values()), sorted(seen.values(), reverse=True)
+
+
+def test_saved_activations_vs_peft():
+    """One experts call of a PEFT target_parameters model (T=64 tokens, H=64, I=96, E=8, top-2, r=8, fp32): PEFT saves
+    W + ΔW of both projections for the backward (an E·N·K tensor each); the fused path saves no weight-sized tensor."""
+    import copy
+
+    H, I, E, T = 64, 96, 8, 64
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=32, hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=2)).float()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=[],
+                                                    target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    ours = copy.deepcopy(pm)
+    lkpeft.patch(ours, backend="torch")
+    x = torch.randn(T, H, requires_grad=True)
+    w, sel = torch.topk(torch.randn(T, E).softmax(-1), 2)
+    out = {}
+    for name, m in (("peft", pm), ("ours", ours)):
+        experts = m.base_model.model.model.layers[0].mlp.experts
+        out[name] = _saved_bytes(lambda: experts(x, sel, w), list(m.parameters()))
+    weight_sized = {(E, H, 2 * I), (E, 2 * I, H), (E, I, H), (E, H, I)}
+    assert weight_sized & {s for _, s in out["peft"][1]}, f"PEFT's W + ΔW not seen: {out['peft'][1][:4]}"
+    assert not weight_sized & {s for _, s in out["ours"][1]}, f"a weight-sized tensor saved: {out['ours'][1][:4]}"
+    big = max(b for b, _ in out["ours"][1])
+    assert big <= T * 2 * 2 * I * 4, "nothing larger than the [T·k, 2I] gate/up activation"
+    assert out["ours"][0] < out["peft"][0] / 3, out
+    print(f"saved bytes: PEFT {out['peft'][0]}, lora_kernels {out['ours'][0]}")
+
+
+def test_peft_adapter_files_both_directions(tmp_path):
+    """A PEFT target_parameters adapter (with q_proj LoRA too) loads into an inject_lora model (equal outputs) and an
+    adapter saved from one loads with PeftModel.from_pretrained (equal outputs); read_peft_adapter gives [E, r, in] /
+    [E, out, r] factors."""
+    import copy
+
+    pm = peft_moe_model(layers=2)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    cfg, ad = peft_io.read_peft_adapter(str(tmp_path / "peft"))
+    assert ad["model.layers.1.mlp.experts.gate_up_proj"][0].shape == (4, 4, 32)
+    assert ad["model.layers.1.mlp.experts.down_proj"][1].shape == (4, 32, 4)
+    base = tiny_moe_model("mixtral", layers=2)
+    ours = copy.deepcopy(base)
+    lk.inject_lora(ours, ["q_proj", "v_proj", "experts"], r=4, alpha=8)
+    peft_io.load_peft_adapter_(ours, str(tmp_path / "peft"))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close_rel(ours(ids).logits, pm(ids).logits, 1e-5, "PEFT file -> inject_lora model")
+        for n, p in ours.named_parameters():
+            if "lora_" in n:
+                p.normal_(0.0, 0.1)
+    peft_io.save_peft_adapter(ours, str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert_close_rel(back(ids).logits, ours(ids).logits, 1e-5, "inject_lora model -> PEFT file -> PEFT")
+    dense_only = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    dense_only.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"MoE LoRA projection model.layers.0.mlp.experts.gate_up_proj has no weights"):
+        peft_io.load_peft_adapter_(ours, str(tmp_path / "dense"))
+    peft_io.load_peft_adapter_(ours, str(tmp_path / "dense"), strict=False)
+
+
+def test_expert_list_adapter_file_loads_in_peft(tmp_path):
+    """An nn.ModuleList expert LoRA saved as the per-expert Linear keys PEFT itself uses: PEFT loads it (equal
+    outputs) and it loads back."""
+    import copy
+
+    torch.manual_seed(0)
+    blk = V4Block()
+    inj = copy.deepcopy(blk)
+    lk.inject_lora(inj, ["experts"], r=2, alpha=4)
+    with torch.no_grad():
+        for n, p in inj.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    peft_io.save_peft_adapter(inj, str(tmp_path / "a"))
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(blk), str(tmp_path / "a"))
+    h = torch.randn(6, 16)
+    with torch.no_grad():
+        assert_close_rel(back(h), inj(h), 1e-5, "PEFT with the saved per-expert adapters")
+        again = copy.deepcopy(blk)
+        lk.inject_lora(again, ["experts"], r=2, alpha=4)
+        peft_io.load_peft_adapter_(again, str(tmp_path / "a"))
+        assert_close_rel(again(h), inj(h), 1e-6, "loaded back")
