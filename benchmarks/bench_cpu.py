@@ -12,6 +12,8 @@ Two parts, each printing ours ÷ PEFT as the median of per-round ratios with its
   q/k/v/o/gate/up/down adapted, r = 8, α = 16, batch 4 × seq 32, fp32 on the CPU, AdamW), variants ``peft``,
   ``peft+patch`` (``lora_kernels.peft.patch``) and ``inject_lora``, dropout 0 and 0.1; each round runs one step of
   every variant (order rotated), thread CPU time per step.
+* **dropout** (not in the default parts) — what LoRA dropout costs per layer at the tiny-Llama's sizes, ours split
+  into the mask hash and the rest (see :func:`dropout_cell`).
 * **overhead** — the fixed per-call cost at a tiny shape (M=4, K=N=16, r=4): one fwd+bwd of ``nn.Linear``, of
   PEFT's layer, of a patched PEFT layer, of ``LoRALinear`` and of ``lora_kernels.lora_linear`` (``backend`` as
   given, plus the patched layer and ``LoRALinear`` with the default ``backend=None``, i.e. the auto choice made
@@ -204,6 +206,52 @@ def overhead_cell(rounds: int, backend: Optional[str]) -> Dict[str, List[float]]
     return interleaved(fns, rounds=rounds, warmup=3, target_s=2e-2)
 
 
+def dropout_cell(K_: int, N_: int, rounds: int, M: int = 128, r: int = 8) -> Dict[str, List[float]]:
+    """What dropout costs per layer at the tiny-Llama's sizes (M = 4·32 tokens, fp32, r = 8): fwd+bwd of PEFT's layer
+    and of LoRALinear at p = 0 and 0.1, of LoRALinear at 0.1 with the mask hash replaced by a precomputed mask (the
+    rest of our dropout path), and of F.dropout alone (PEFT's dropout, forward + backward)."""
+    import lora_kernels as lk
+    from lora_kernels.ops import lora_linear as opl
+
+    g = torch.Generator().manual_seed(K_ + N_)
+    base = nn.Linear(K_, N_, bias=False).requires_grad_(False)
+    A = torch.randn(r, K_, generator=g) / K_**0.5
+    B = torch.randn(N_, r, generator=g) * 0.01
+    layers = {}
+    for p in (0.0, 0.1):
+        pl = _peft_layer(base, A, B, p, torch.float32)
+        ours = lk.LoRALinear(base, r=r, alpha=2.0 * r, dropout=p, backend="torch").train()
+        with torch.no_grad():
+            ours.lora_A.copy_(A)
+            ours.lora_B.copy_(B)
+        layers[p] = (pl, ours)
+    x = torch.randn(4, M // 4, K_, generator=g, requires_grad=True)
+    dy = torch.randn(4, M // 4, N_, generator=g)
+    dx_like = torch.randn(4, M // 4, K_, generator=g)
+    keep = opl.call_dropout_keep(x.detach().reshape(-1, K_), 0.1, 5)
+    real = opl.call_dropout_keep
+
+    def peft_step(p):
+        pl = layers[p][0]
+        return lambda: torch.autograd.grad(pl(x), (x, pl.lora_A["default"].weight, pl.lora_B["default"].weight), dy)
+
+    def ours_step(p):
+        o = layers[p][1]
+        return lambda: torch.autograd.grad(o(x), (x, o.lora_A, o.lora_B), dy)
+
+    def ours_premasked():
+        opl.call_dropout_keep = lambda *a, **k: keep
+        try:
+            return ours_step(0.1)()
+        finally:
+            opl.call_dropout_keep = real
+
+    fns = {"peft p=0": peft_step(0.0), "peft p=0.1": peft_step(0.1), "ours p=0": ours_step(0.0),
+           "ours p=0.1": ours_step(0.1), "ours p=0.1, mask precomputed": ours_premasked,
+           "F.dropout fwd+bwd": lambda: torch.autograd.grad(nn.functional.dropout(x, 0.1, True), (x,), dx_like)}
+    return interleaved(fns, rounds=rounds, warmup=3, target_s=2e-2)
+
+
 def _summ(samples: List[float]) -> dict:
     st = Stats.of(samples)
     return {"median": st.median, "min": st.min, "max": st.max, "q1": st.q1, "q3": st.q3, "n": st.n}
@@ -225,7 +273,9 @@ def _git_rev() -> str:
 
 
 def fmt_ratio(d: dict) -> str:
-    return f"{d['median']:.2f} [{d['min']:.2f}–{d['max']:.2f}]" + (" noise" if d["noise"] else "")
+    """median (interquartile range) [min–max] of the per-round ratios, 'noise' when flagged."""
+    return (f"{d['median']:.2f} ({d['q1']:.2f}–{d['q3']:.2f}) [{d['min']:.2f}–{d['max']:.2f}]"
+            + (" noise" if d["noise"] else ""))
 
 
 def _fmt_load(v) -> str:
@@ -239,12 +289,12 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {meta['cpu']} ({meta['logical_cpus']} logical CPUs), {meta['threads']} torch thread, "
         f"timer: {meta['timer']}. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + f"; git {meta['git']}.",
-        f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.0f} min). Load average (1/5/15 min) at start "
+        f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s). Load average (1/5/15 min) at start "
         f"{_fmt_load(meta.get('load_average_at_start'))}, at end {_fmt_load(meta.get('load_average_at_end'))}: other "
         "processes shared the cores, which thread CPU time does not count but their cache and memory traffic does.",
         "",
-        "Ours ÷ PEFT, median of per-round ratios [min–max over rounds]; < 1 means ours is faster. "
-        "'noise' = the middle half of the ratios straddles 1.0 or spans > 10 %.",
+        "Ours ÷ PEFT: median of the per-round ratios (interquartile range) [min–max over rounds]; < 1 means ours is "
+        "faster. 'noise' = the middle half of the ratios straddles 1.0 or spans > 10 %.",
     ]
     if res.get("layer"):
         lines += ["", f"## One layer, K = N = {K}, r = {R}, no bias (up to {meta['rounds']} rounds per cell, "
@@ -275,6 +325,17 @@ def markdown(res: dict) -> str:
         for c in res["llama"]:
             lines.append(f"| {c['dropout']:g} | {c['samples_stats']['peft']['median'] / 1e3:.2f} | "
                          f"{fmt_ratio(c['ratio']['peft+patch'])} | {fmt_ratio(c['ratio']['inject_lora'])} |")
+    if res.get("dropout"):
+        lines += ["", "## What dropout costs per layer at the tiny-Llama's sizes (fwd+bwd, fp32, M = 128 tokens, r = 8)",
+                  "", "µs per call, medians; 'dropout cost' = p=0.1 minus p=0 of the same side.", "",
+                  "| K×N | peft p=0 | peft p=0.1 | peft dropout cost | ours p=0 | ours p=0.1 | ours dropout cost | "
+                  "of which the mask hash | F.dropout fwd+bwd alone |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in res["dropout"]:
+            m = {k: v["median"] for k, v in c["stats"].items()}
+            lines.append(f"| {c['K']}×{c['N']} | {m['peft p=0']:.0f} | {m['peft p=0.1']:.0f} | "
+                         f"{m['peft p=0.1'] - m['peft p=0']:.0f} | {m['ours p=0']:.0f} | {m['ours p=0.1']:.0f} | "
+                         f"{m['ours p=0.1'] - m['ours p=0']:.0f} | {m['ours p=0.1'] - m['ours p=0.1, mask precomputed']:.0f} | "
+                         f"{m['F.dropout fwd+bwd']:.0f} |")
     if res.get("overhead"):
         o = res["overhead"]
         lines += ["", "## Fixed per-call cost (fwd+bwd, M=4, K=N=16, r=4), µs per call, median [min–max]", "",
@@ -287,7 +348,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="layer,llama,overhead")
+    ap.add_argument("--parts", default="layer,llama,overhead", help="any of layer,llama,overhead,dropout")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--dropouts", default="0,0.1")
     ap.add_argument("--M", default="256,1024,2048")
@@ -299,7 +360,16 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="torch", help="lora_kernels backend for ours ('auto' = resolve per call)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--from-json", default=None, help="only re-render the markdown of a saved JSON result")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            md = markdown(json.load(f))
+        print(md)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(md)
+        return 0
     backend = None if a.backend == "auto" else a.backend
     torch.set_num_threads(1)
     parts = a.parts.split(",")
@@ -348,6 +418,13 @@ def main(argv=None) -> int:
                   f"peft+patch/peft {fmt_ratio(c['ratio']['peft+patch'])}; inject_lora/peft {fmt_ratio(c['ratio']['inject_lora'])}"
                   f"  [{time.time() - t_start:.0f}s]", flush=True)
             res["llama"].append(c)
+    if "dropout" in parts:
+        res["dropout"] = []
+        for K_, N_ in ((128, 128), (128, 344), (344, 128)):
+            s = dropout_cell(K_, N_, a.llama_rounds)
+            c = {"K": K_, "N": N_, "samples": s, "stats": {k: _summ(v) for k, v in s.items()}}
+            res["dropout"].append(c)
+            print(f"dropout {K_}x{N_}: " + ", ".join(f"{k} {v['median']:.0f}" for k, v in c["stats"].items()), flush=True)
     if "overhead" in parts:
         s = overhead_cell(a.overhead_rounds, backend)
         res["overhead"] = {"samples": s, "stats": {k: _summ(v) for k, v in s.items()}}
