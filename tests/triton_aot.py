@@ -298,6 +298,82 @@ def _shrink_expand_variants(dtype):
     return out
 
 
+def _moe_lora_jobs(mm, dtype, variant, shape):
+    """The MoE LoRA kernels of triton/moe_lora.py, as their launchers call them: E = 8 experts, top-2, the grouped
+    GEMM forward and backward over a routing's tiles (x token rows or pair rows; W [E, N, K] or stored transposed
+    [E, K, N] as GPT-OSS does, B as a [E, N, r] tensor or PEFT's strided [N, r·E] view, A per expert or shared), the
+    combine and the serving update over [L, E, r, K] slots."""
+    M, N, K = shape["M"], shape["N"], shape["K"]
+    ragged = shape is _SHAPES["ragged"]
+    E, k, L = 8, 2, 4
+    P = M * k
+    R = variant.get("R", 16)
+    block_r = max(16, 1 << (R - 1).bit_length())
+    bm = variant.get("block_m", 64)
+    T = P // bm + E + 1
+    prec = variant.get("prec", "tf32")
+    xp = variant.get("x_pair", False)
+    xs = (1, (P if xp else M) + 3) if ragged else (K, 1)
+    peft = variant.get("peft_layout", False)
+    ws = (N * K, 1, N) if peft else (N * K, K, 1)  # transposed storage [E, K, N] (GPT-OSS) with PEFT's lora_B layout
+    a_s = (0 if variant.get("shared_a") else R * K, K, 1)
+    b_s = (1, R * E, E) if peft else (N * R, R, 1)
+    kind = variant["kind"]
+    if kind == "fwd":
+        lora = variant.get("lora", True)
+        return [("_moe_fwd_kernel", (
+            _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
+            N, K, R if lora else 0, k, T, E,
+            N, 1, R, 1, *xs, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
+            dict(X_PAIR=xp, HAS_LORA=lora, HAS_BIAS=variant.get("bias", False), HAS_WEIGHTS=variant.get("weights", False),
+                 EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
+    if kind == "bwd":
+        dyn = (1, M + 5) if ragged else (N, 1)
+        flags = {f: variant.get(f.lower(), True) for f in ("COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DW")}
+        return [("_moe_bwd_kernel", (
+            _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype),
+            _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
+            N, K, R, k, T, E,
+            K, 1, *dyn, *xs, R, 1, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
+            dict(X_PAIR=xp, DY_PAIR=variant.get("dy_pair", False), HAS_LORA=True, HAS_BIAS=variant.get("bias", False),
+                 HAS_WEIGHTS=variant.get("weights", True), EPI_LOW=dtype == "bf16", BLOCK_R=block_r,
+                 INPUT_PRECISION=prec, BLOCK_M=bm, **flags))]
+    if kind == "combine":
+        return [("_moe_combine_kernel", (_t(dtype), _t(dtype), M, N, k, N, 1, N, 1), {})]
+    # serving update: one slice of [L, E, r_max, K] / [L, E, N, r_max] slots, ranks read in-kernel
+    adt = variant.get("adt", dtype)
+    ids_t = variant.get("ranks_dtype", "i32")
+    return [("_moe_delta_kernel", (
+        _t(dtype), _t(dtype), _t(adt), _t(adt), _t("fp32"), _t("fp32"), _t(ids_t), _t("i32"), _t("i32"),
+        N, K, R, k, T, L * E, 256, 0,
+        N, 1, *xs, E * R * K, R * K, K, 1, E * N * R, N * R, R, 1, k, 1, 1, 1, T),
+        dict(X_PAIR=xp, HAS_WEIGHTS=variant.get("weights", False), HAS_RANKS=variant.get("has_ranks", True),
+             DOT_FP32=dtype == "fp32" or adt != dtype, B_LOW=adt == "bf16", BLOCK_R=block_r,
+             INPUT_PRECISION="ieee" if prec == "ieee" else "tf32", BLOCK_M=bm))]
+
+
+def _moe_lora_variants(dtype):
+    precs = ("tf32", "ieee") if dtype == "fp32" else ("tf32",)
+    out = []
+    for prec in precs:
+        for R in (16, 128):
+            out.append(dict(kind="fwd", R=R, prec=prec))
+            out.append(dict(kind="bwd", R=R, prec=prec))
+            out.append(dict(kind="delta", R=R, prec=prec))
+    out += [
+        dict(kind="fwd", x_pair=True, weights=True, bias=True, block_m=16),  # down projection, decode-sized tiles
+        dict(kind="fwd", peft_layout=True, shared_a=True),  # transposed storage, PEFT's strided B, shared A
+        dict(kind="fwd", lora=False),  # the plain grouped GEMM
+        dict(kind="bwd", x_pair=True, dy_pair=False, bias=True, block_m=16),
+        dict(kind="bwd", peft_layout=True, shared_a=True, weights=False, compute_dw=False),
+        dict(kind="bwd", compute_dx=False, compute_da=False, compute_dw=False),  # dB only (frozen A, no router grad)
+        dict(kind="combine"),
+        dict(kind="delta", x_pair=True, weights=True, has_ranks=False, block_m=16, ranks_dtype="fp32"),
+        dict(kind="delta", adt="fp32" if dtype != "fp32" else "bf16", ranks_dtype="i64"),  # adapters in another dtype
+    ]
+    return out
+
+
 def _quant_linear_jobs(ql, dtype, variant, shape):
     """The quantised-base kernels (triton/quant_linear.py), mirroring its launchers: the fused GEMM forward (W0
     read transposed) and dx (W0 as stored), and the scratch strategy's dequantisation kernel."""
@@ -347,10 +423,10 @@ def _quant_linear_variants(dtype):
 
 
 def _modules():
-    from lora_kernels.triton import lora_linear, merge, multi_lora, quant_linear, shrink_expand
+    from lora_kernels.triton import lora_linear, merge, moe_lora, multi_lora, quant_linear, shrink_expand
 
     return {"lora_linear": lora_linear, "multi_lora": multi_lora, "merge": merge, "quant_linear": quant_linear,
-            "shrink_expand": shrink_expand}
+            "shrink_expand": shrink_expand, "moe_lora": moe_lora}
 
 
 # kernels launched with one fixed config (every config must fit, like the merge's)
@@ -386,6 +462,9 @@ def _kernel_table(mods):
     se = mods["shrink_expand"]
     for name in ("_shrink_kernel", "_expand_kernel"):
         table[name] = ("shrink_expand", getattr(se, name), _configs(getattr(se, name)), None)
+    mm = mods["moe_lora"]
+    for name in ("_moe_fwd_kernel", "_moe_bwd_kernel", "_moe_combine_kernel", "_moe_delta_kernel"):
+        table[name] = ("moe_lora", getattr(mm, name), _configs(getattr(mm, name)), None)
     return table
 
 
@@ -458,6 +537,7 @@ def build_jobs(level: str):
         ("merge", _merge_variants, _merge_jobs),
         ("quant_linear", _quant_linear_variants, _quant_linear_jobs),
         ("shrink_expand", _shrink_expand_variants, _shrink_expand_jobs),
+        ("moe_lora", _moe_lora_variants, _moe_lora_jobs),
     ]
     jobs = {}
 

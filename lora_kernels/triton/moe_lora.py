@@ -446,6 +446,11 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _zeros(shape, device) -> torch.Tensor:
+    """A zeroed fp32 accumulator for atomic sums (dA, dB, the routing-weight gradient); tests wrap this to name them."""
+    return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
 
@@ -538,9 +543,9 @@ def moe_lora_bwd_triton(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids
     x_pair = x.shape[0] == P
     dx = _alloc((x.shape[0], K), dy.dtype, dev) if need_dx else None
     dxp = (dx if x_pair else _alloc((P, K), dy.dtype, dev)) if need_dx else None
-    da32 = torch.zeros((E, R, K), dtype=torch.float32, device=dev) if need_da else None
-    db32 = torch.zeros((E, N, R), dtype=torch.float32, device=dev) if need_db else None
-    dw32 = torch.zeros((P,), dtype=torch.float32, device=dev) if need_dw else None
+    da32 = _zeros((E, R, K), dev) if need_da else None
+    db32 = _zeros((E, N, R), dev) if need_db else None
+    dw32 = _zeros((P,), dev) if need_dw else None
     if N == 0 or not (need_dx or need_da or need_db or need_dw):
         if need_dx:
             dx.zero_()
