@@ -42,7 +42,7 @@ from .reference import lora_scale
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoRAExperts", "LoRAExpertList", "is_fused_experts", "expert_list_names", "inject_moe_lora",
-           "experts_forward", "peft_param_forward"]
+           "experts_forward", "peft_param_forward", "MoEAdapterSlots", "experts_serve"]
 
 # (gate, up, down) Linear names of one expert MLP in the nn.ModuleList layouts
 _LIST_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -696,3 +696,105 @@ def plan_peft_moe_load(model: nn.Module, config: dict, adapters: dict, params: d
                 dst.copy_(src)
 
     return rest, apply
+
+
+# ----------------------------------------------------------------------------------------------
+# serving: many adapters' expert LoRA in [L, E, ...] slots, per-token adapter ids
+# ----------------------------------------------------------------------------------------------
+
+
+class MoEAdapterSlots:
+    """Stacked expert-LoRA slots of one projection of one MoE layer: ``lora_a`` [L, E, r_max, in], ``lora_b``
+    [L, E, out, r_max], ``scales`` [L], ``ranks`` [L] (the layout :func:`lora_kernels.add_moe_lora` and vLLM's
+    ``lora_a_stacked`` / ``lora_b_stacked`` use). Adapters of rank <= r_max are zero-padded and run only up to their
+    own rank; an empty slot has rank 0. ``num_slices`` > 1 packs several outputs (gate and up) into one projection."""
+
+    def __init__(self, num_slots: int, num_experts: int, r_max: int, in_features: int, out_features, *,
+                 dtype=torch.float32, device=None):
+        outs = [out_features] if isinstance(out_features, int) else list(out_features)
+        self.num_slots, self.num_experts, self.r_max, self.in_features = num_slots, num_experts, r_max, in_features
+        self.out_features = outs
+        z = dict(dtype=dtype, device=device)
+        self.lora_a = [torch.zeros(num_slots, num_experts, r_max, in_features, **z) for _ in outs]
+        self.lora_b = [torch.zeros(num_slots, num_experts, n, r_max, **z) for n in outs]
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.names: List[Optional[str]] = [None] * num_slots
+
+    @torch.no_grad()
+    def load(self, slot: int, lora_a, lora_b, scale: float, name: Optional[str] = None) -> int:
+        """Put an adapter in ``slot``: A [E, r, in] (or [r, in] shared) and B [E, out, r] per slice (a list for packed
+        slices, one scale for all). Returns the slot."""
+        As = [lora_a] if isinstance(lora_a, torch.Tensor) else list(lora_a)
+        Bs = [lora_b] if isinstance(lora_b, torch.Tensor) else list(lora_b)
+        if not 0 <= slot < self.num_slots or len(As) != len(self.lora_a) or len(Bs) != len(self.lora_b):
+            raise ValueError(f"MoEAdapterSlots.load: slot {slot} of {self.num_slots}, {len(As)} / {len(Bs)} slices of "
+                             f"{len(self.lora_a)}")
+        r = As[0].shape[-2]
+        if r > self.r_max:
+            raise ValueError(f"MoEAdapterSlots.load: rank {r} > r_max={self.r_max}")
+        for s, (a, b) in enumerate(zip(As, Bs)):
+            a = a.expand(self.num_experts, *a.shape) if a.dim() == 2 else a
+            if tuple(a.shape) != (self.num_experts, r, self.in_features) or \
+                    tuple(b.shape) != (self.num_experts, self.out_features[s], r):
+                raise ValueError(f"MoEAdapterSlots.load: slice {s}: A {tuple(a.shape)} / B {tuple(b.shape)}, expected "
+                                 f"[{self.num_experts}, {r}, {self.in_features}] / [{self.num_experts}, "
+                                 f"{self.out_features[s]}, {r}]")
+            self.lora_a[s][slot].zero_()
+            self.lora_b[s][slot].zero_()
+            self.lora_a[s][slot, :, :r] = a
+            self.lora_b[s][slot, :, :, :r] = b
+        self.scales[slot] = float(scale)
+        self.ranks[slot] = r
+        self.names[slot] = name
+        return slot
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        for a, b in zip(self.lora_a, self.lora_b):
+            a[slot].zero_()
+            b[slot].zero_()
+        self.scales[slot] = 0.0
+        self.ranks[slot] = 0
+        self.names[slot] = None
+
+    def apply(self, y, x, topk_ids, adapter_ids, topk_weights=None, *, routing: Optional[MoERouting] = None,
+              backend: Optional[str] = None):
+        """``lora_kernels.add_moe_lora`` with these slots: y [M·k, Σ out] += the adapters' update, in place."""
+        from .functional import add_moe_lora
+
+        return add_moe_lora(y, x, self.lora_a, self.lora_b, topk_ids, adapter_ids, self.scales, self.ranks,
+                            topk_weights, routing=routing, backend=backend)
+
+
+@torch.no_grad()
+def experts_serve(experts: nn.Module, hidden_states, top_k_index, top_k_weights, slots: Dict[str, MoEAdapterSlots],
+                  adapter_ids, *, routing: Optional[MoERouting] = None, backend: Optional[str] = None):
+    """Inference forward of a Transformers-v5-style experts module for a batch of many adapters (one per token, -1 =
+    none): the grouped expert GEMMs (no LoRA), each projection's adapters added per pair from ``slots[name]``
+    (``MoEAdapterSlots`` of the projection, e.g. ``"gate_up_proj"`` with one slice, or gate and up as two slices),
+    the model's gate / activation, the routing-weighted sum. With a ``routing`` built once per step
+    (``MoERouting(topk_ids, E, adapter_ids=..., num_adapters=L, max_tokens=C)``, updated in place) nothing is read on
+    the host (CUDA-graph safe on the Triton backend)."""
+    up_name, down_name = _projections(experts)
+    transposed = bool(getattr(experts, "is_transposed", False))
+    w_up = _as_linear_weight(getattr(experts, up_name), transposed)
+    w_down = _as_linear_weight(getattr(experts, down_name), transposed)
+    has_bias = bool(getattr(experts, "has_bias", False))
+    b_up = getattr(experts, f"{up_name}_bias", None) if has_bias else None
+    b_down = getattr(experts, f"{down_name}_bias", None) if has_bias else None
+    x = hidden_states
+    M, k = top_k_index.shape
+    if routing is None:
+        L = next(iter(slots.values())).num_slots if slots else 0
+        routing = MoERouting(top_k_index, w_up.shape[0], adapter_ids=adapter_ids, num_adapters=L,
+                             block_m=pick_block_m(top_k_index.numel(), w_up.shape[0]))
+    groups = dict(routing=routing, backend=backend)
+    h = moe_lora_linear(x, w_up, None, None, 1.0, top_k_index, None, b_up, **groups)
+    if up_name in slots:
+        slots[up_name].apply(h, x, top_k_index, adapter_ids, **groups)
+    h = experts._apply_gate(h) if getattr(experts, "has_gate", up_name == "gate_up_proj") else experts.act_fn(h)
+    o = moe_lora_linear(h, w_down, None, None, 1.0, top_k_index, top_k_weights, b_down, **groups)
+    if down_name in slots:
+        slots[down_name].apply(o, h, top_k_index, adapter_ids, top_k_weights, **groups)
+    return o.view(M, k, -1).sum(1, dtype=torch.float32).to(x.dtype)

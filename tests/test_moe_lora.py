@@ -1234,3 +1234,43 @@ def test_vllm_cpu_build_has_no_moe_lora_path():
             fn(*([None] * (fn.__code__.co_argcount - 1)))
     experts = [c for c in vars(cpu_moe).values() if isinstance(c, type) and hasattr(c, "supports_lora")]
     assert experts and not any(c.supports_lora() for c in experts), experts
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_experts_serve_mixed_adapters_from_peft_files(backend, tmp_path):
+    """Serving a batch that mixes three PEFT target_parameters adapters (ranks 2 / 4 / 3, read from their files
+    into [L, E, ...] slots) and tokens without an adapter through one Mixtral experts module: every token's output
+    equals PEFT's model with that token's adapter (or the base model for id -1)."""
+    import copy
+
+    base = tiny_moe_model("mixtral", layers=1, seed=1)
+    experts = base.model.layers[0].mlp.experts
+    E, H, I = 4, 32, 24
+    slots = {"gate_up_proj": lkmoe.MoEAdapterSlots(4, E, 4, H, 2 * I), "down_proj": lkmoe.MoEAdapterSlots(4, E, 4, I, H)}
+    peft_models = []
+    for slot, r in enumerate((2, 4, 3)):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=r, lora_alpha=3 * r + 1, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(slot * 10 + len(n)))
+        pm.save_pretrained(tmp_path / f"a{slot}")
+        _, ad = peft_io.read_peft_adapter(str(tmp_path / f"a{slot}"))
+        for proj in slots:
+            A, B, s = ad[f"model.layers.0.mlp.experts.{proj}"]
+            slots[proj].load(slot, A, B, s, name=f"a{slot}")
+        peft_models.append(pm.eval())
+    g = torch.Generator().manual_seed(7)
+    M = 12
+    x = torch.randn(M, H, generator=g)
+    w, sel = torch.topk(torch.randn(M, E, generator=g).softmax(-1), 2)
+    aid = torch.tensor([0, 1, 2, -1, 2, 1, 0, -1, 1, 1, 2, 0])
+    routing = MoERouting(sel, E, adapter_ids=aid, num_adapters=4, max_tokens=32, block_m=16)
+    y = lkmoe.experts_serve(experts, x, sel, w, slots, aid, routing=routing, backend=backend)
+    with torch.no_grad():
+        for t in range(M):
+            model = peft_models[int(aid[t])] if aid[t] >= 0 else None
+            mod = model.base_model.model.model.layers[0].mlp.experts if model is not None else experts
+            want = mod(x[t:t + 1], sel[t:t + 1], w[t:t + 1])
+            assert_close_rel(y[t:t + 1], want, 1e-5, f"token {t} (adapter {int(aid[t])})")
