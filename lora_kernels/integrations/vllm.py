@@ -31,6 +31,11 @@ MoE methods                vLLM's platform wrapper, unchanged (logged once)     
 (``add_lora_linear`` / ``add_lora_logits`` fall back to ``lora_shrink`` + ``lora_expand_`` when x and y differ
 in dtype, e.g. an fp32 lm_head; ``add_inputs=False`` zeroes the rows that have an adapter before adding.)
 
+MoE: vLLM's CPU build implements none of the four MoE methods (``PunicaWrapperCPU`` inherits
+``NotImplementedError``) and no CPU experts class supports LoRA, so no MoE model with LoRA runs there and a mapping
+could not be tested end to end: they stay vLLM's. The same per-pair update over ``[L, E, r, K]`` slots is
+``lora_kernels.add_moe_lora``, tested against vLLM's own fused MoE-LoRA kernel (``tests/test_moe_lora.py``).
+
 Ids: vLLM marks a row without an adapter with -1 and our ops skip such rows. (vLLM's own torch ops on the CPU
 index the stacked weights with the id, so -1 reads the last slot: when every slot is in use, requests without an
 adapter get the last adapter's update. This wrapper does not have that defect.) When a forward sees more rows
