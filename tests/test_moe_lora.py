@@ -868,6 +868,7 @@ def test_peft_target_parameters_training_equals_peft(backend, monkeypatch):
             grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
             opt.step()
             opt.zero_grad(set_to_none=True)
+        print(f"\n{backend} step {step}: loss PEFT {losses[0]:.7f}, lora_kernels {losses[1]:.7f}")
         assert math.isclose(losses[0], losses[1], rel_tol=2e-6), f"step {step}: PEFT {losses[0]} vs ours {losses[1]}"
         assert grads[0].keys() == grads[1].keys() and any("experts" in n for n in grads[0])
         for n in grads[0]:
@@ -1054,7 +1055,7 @@ def test_traffic_forward(case, ceiling, traffic):
     print(f"\nforward {case}: req/floor {req:.2f} uniq/floor {uniq:.2f}\n{tr.table()}")
     assert uniq <= ceiling, tr.table()
     for name in ("x", "W", "A", "B", "y", "xa"):
-        assert tr.stats[name].uniq == tr.stats[name].nbytes * (1 if name not in ("y", "xa") else 1), \
+        assert tr.stats[name].uniq == tr.stats[name].nbytes, \
             f"{name} moved {tr.stats[name].uniq} distinct bytes, not its {tr.stats[name].nbytes}\n{tr.table()}"
 
 
