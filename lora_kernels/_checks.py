@@ -129,3 +129,27 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
     for n, t in items[1:]:
         if t.device != dev0:
             fail(op, f"all tensors must be on one device: {items[0][0]} is on {dev0} but {n} is on {t.device}")
+
+
+def check_adapter_shapes(op: str, N: int, K: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> int:
+    """A [r, K], B [N, r] with r >= 1, one dtype for A and B, bias [N] or None, for a base weight [N, K]; returns r."""
+    if lora_a.dim() != 2 or lora_a.shape[1] != K:
+        fail(op, f"lora_a must be [r, K={K}], got shape {shape_str(lora_a)}")
+    r = lora_a.shape[0]
+    if lora_b.dim() != 2 or lora_b.shape[0] != N:
+        fail(op, f"lora_b must be [N={N}, r], got shape {shape_str(lora_b)}")
+    if lora_b.shape[1] != r:
+        fail(op, f"rank mismatch: lora_a has r={r} rows but lora_b has {lora_b.shape[1]} columns")
+    if r < 1:
+        fail(op, "rank must be at least 1")
+    if lora_a.dtype != lora_b.dtype:
+        fail(op, f"lora_a dtype {lora_a.dtype} and lora_b dtype {lora_b.dtype} must match")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        fail(op, f"bias must be [N={N}], got shape {shape_str(bias)}")
+    return r
+
+
+def check_dropout_p(op: str, dropout_p) -> None:
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
+        fail(op, f"dropout_p must be in [0, 1), got {dropout_p}")

@@ -14,7 +14,16 @@ from typing import Optional
 import torch
 
 from .. import reference as ref
-from .._checks import FLOAT_DTYPES, check_float, check_same_device, check_scale, fail, shape_str
+from .._checks import (
+    FLOAT_DTYPES,
+    check_adapter_shapes,
+    check_dropout_p,
+    check_float,
+    check_same_device,
+    check_scale,
+    fail,
+    shape_str,
+)
 from ._registry import add_rows, define, impl_all_devices, launcher, lib
 
 OP = "lora_linear"
@@ -114,25 +123,12 @@ def check_lora_linear(
     N, K = weight.shape
     if x.shape[-1] != K:
         fail(OP, f"x has {x.shape[-1]} features in its last dim but weight is {shape_str(weight)} (expects K={K})")
-    if lora_a.dim() != 2 or lora_a.shape[1] != K:
-        fail(OP, f"lora_a must be [r, K={K}], got shape {shape_str(lora_a)}")
-    r = lora_a.shape[0]
-    if lora_b.dim() != 2 or lora_b.shape[0] != N:
-        fail(OP, f"lora_b must be [N={N}, r], got shape {shape_str(lora_b)}")
-    if lora_b.shape[1] != r:
-        fail(OP, f"rank mismatch: lora_a has r={r} rows but lora_b has {lora_b.shape[1]} columns")
-    if r < 1:
-        fail(OP, "rank must be at least 1")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        fail(OP, f"bias must be [N={N}], got shape {shape_str(bias)}")
+    check_adapter_shapes(OP, N, K, lora_a, lora_b, bias)
     if weight.dtype != x.dtype:
         fail(OP, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
-    if lora_a.dtype != lora_b.dtype:
-        fail(OP, f"lora_a dtype {lora_a.dtype} and lora_b dtype {lora_b.dtype} must match")
     if bias is not None and bias.dtype != x.dtype:
         fail(OP, f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
-        fail(OP, f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout_p(OP, dropout_p)
     return scale
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import quant as Q
 from .. import reference as ref
-from .._checks import check_float, check_same_device, check_scale, fail, shape_str
+from .._checks import check_adapter_shapes, check_dropout_p, check_float, check_same_device, check_scale, fail, shape_str
 from ._registry import add_rows, define, impl_all_devices, launcher, lib
 
 OP = "quant_lora_linear"
@@ -137,21 +137,8 @@ def check_quant_lora_linear(x, qw, lora_a, lora_b, scale, bias, dropout_p, strat
     N, K = qw.shape
     if x.shape[-1] != K:
         fail(OP, f"x has {x.shape[-1]} features in its last dim but the quantised weight is [{N}, {K}] (expects K={K})")
-    if lora_a.dim() != 2 or lora_a.shape[1] != K:
-        fail(OP, f"lora_a must be [r, K={K}], got shape {shape_str(lora_a)}")
-    r = lora_a.shape[0]
-    if lora_b.dim() != 2 or lora_b.shape[0] != N:
-        fail(OP, f"lora_b must be [N={N}, r], got shape {shape_str(lora_b)}")
-    if lora_b.shape[1] != r:
-        fail(OP, f"rank mismatch: lora_a has r={r} rows but lora_b has {lora_b.shape[1]} columns")
-    if r < 1:
-        fail(OP, "rank must be at least 1")
-    if lora_a.dtype != lora_b.dtype:
-        fail(OP, f"lora_a dtype {lora_a.dtype} and lora_b dtype {lora_b.dtype} must match")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        fail(OP, f"bias must be [N={N}], got shape {shape_str(bias)}")
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
-        fail(OP, f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_adapter_shapes(OP, N, K, lora_a, lora_b, bias)
+    check_dropout_p(OP, dropout_p)
     if strategy is not None and strategy not in STRATEGIES:
         fail(OP, f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     return scale
