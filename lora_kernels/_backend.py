@@ -93,9 +93,11 @@ def auto_order(op: str, tensors: List[torch.Tensor]) -> tuple:
 
     On CUDA tensors Triton comes first: the CUDA extension has no GPU-measured advantage yet (the README's
     status table says what has been measured); ``backend="cuda"`` selects it explicitly."""
-    if any(t.device.type == "cuda" for t in tensors):
+    if any(t.is_cuda for t in tensors):
         return ("triton", "cuda", "torch")
-    return ("triton", "torch")  # triton only when interpreting on the CPU (see why_not)
+    if triton_interpreting():
+        return ("triton", "torch")  # the CPU interpreter (tests); see why_not
+    return ("torch",)  # decided without asking triton: this path is every CPU / MPS call's per-call cost
 
 
 def _prepare(backend: str, op: str, tensors: List[torch.Tensor]) -> None:

@@ -202,7 +202,7 @@ class LoRAExperts(_LoRAConfigMixin, nn.Module):
                 raise
             return getattr(base, name)  # the experts module's own attributes (num_experts, is_transposed, ...)
 
-    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    def forward(self, hidden_states, top_k_index, top_k_weights):
         lora = {n: (self.lora_A[n], self.lora_B[n], self.lora_scale) for n in self.lora_A}
         return experts_forward(self, hidden_states, top_k_index, top_k_weights, lora, backend=self.backend)
 
