@@ -294,6 +294,17 @@ def merge_delta_ref(
     return delta
 
 
+__all__ += ["dora_weight_norm_ref"]
+
+
+def dora_weight_norm_ref(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """DoRA's row norm, formed directly in float64: ``‖W0 + scale·B·A‖₂`` over each row, [N] fp64.
+
+    weight W0 [N, K], lora_a A [r, K], lora_b B [N, r]. (``lora_kernels.dora.dora_weight_norm`` computes the same
+    without forming the N×K sum.)"""
+    return (weight.double() + float(scale) * (lora_b.double() @ lora_a.double())).norm(dim=1)
+
+
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     """LoRA scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return float(alpha) / (math.sqrt(r) if use_rslora else float(r))
