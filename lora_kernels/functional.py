@@ -581,3 +581,113 @@ def add_moe_lora(
     groups = routing.lora_groups if routing is not None else (None, None, 0)
     _ops.add_moe_lora_(y, x, lora_a, lora_b, topk_ids, topk_weights, adapter_ids, scales, ranks, be, *groups)
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on an embedding table: A gathered by token id, B expanded (ops/embedding.py; module: embedding.py)
+# ----------------------------------------------------------------------------------------------
+
+from .ops.embedding import check_add_lora_embedding, check_lora_embedding  # noqa: E402  (kept beside its users)
+
+__all__ += ["lora_embedding", "LoRAEmbeddingFunction", "add_lora_embedding"]
+
+
+class LoRAEmbeddingFunction(torch.autograd.Function):
+    """``y = W[ids] + s·A[:, ids]ᵀ·Bᵀ`` with the gather fused into the shrink. Saves ids and the adapters (the r-wide
+    column of A is gathered again in the backward: cheaper than keeping it). dA is a scatter-add over the ids (none
+    for ``padding_idx`` tokens), dB = s·dyᵀ·A[:, ids]ᵀ; W gets a gradient (a scatter-add of dy, by torch) only when it
+    requires one."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, lora_a, lora_b, scale, padding_idx, scale_grad_by_freq, backend):
+        flat = ids.reshape(-1)
+        y = _ops.lora_embedding_fwd(flat, weight, lora_a, lora_b, scale, backend)
+        ctx.save_for_backward(flat, lora_a, lora_b)
+        ctx.cfg = (scale, padding_idx, scale_grad_by_freq, backend, tuple(weight.shape))
+        return _unsafe_view(y, (*ids.shape, weight.shape[1]))
+
+    @staticmethod
+    def backward(ctx, dy):
+        flat, lora_a, lora_b = ctx.saved_tensors
+        scale, padding_idx, by_freq, backend, (V, D) = ctx.cfg
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, D)
+        dw = da = db = None
+        if need[2] or need[3]:
+            da, db = _ops.lora_embedding_bwd(dy2, flat, lora_a, lora_b, scale, padding_idx, by_freq,
+                                             [need[2], need[3]], backend)
+            da = da if need[2] else None
+            db = db if need[3] else None
+        if need[1]:  # a trainable base table (not LoRA's case): nn.Embedding's dense gradient
+            dw = torch.ops.aten.embedding_dense_backward(dy2, flat, V, padding_idx, by_freq)
+        return None, dw, da, db, None, None, None, None
+
+
+def lora_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    padding_idx: Optional[int] = None,
+    scale_grad_by_freq: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """LoRA embedding lookup (PEFT's ``lora.Embedding``): ``y = W[ids] + scale·A[:, ids]ᵀ·Bᵀ``.
+
+    Args:
+        ids: integer token ids, any shape, values in [0, V) (checked: an id out of range raises LoRAInputError).
+        weight: the frozen table W [V, D] (nn.Embedding layout, any strides).
+        lora_a: A [r, V] (PEFT's ``lora_embedding_A``); lora_b: B [D, r] (``lora_embedding_B``); cast to weight's
+            dtype if they differ (differentiably).
+        scale: alpha / r (finite). padding_idx: as nn.Embedding (tokens equal to it give A and W no gradient;
+            negative values count from the end). scale_grad_by_freq: as nn.Embedding (dA's column of each id is
+            divided by its count in the batch).
+        backend: "triton" | "torch" | None (auto).
+
+    Returns y [*ids.shape, D] in weight's dtype. Semantics: ``reference.lora_embedding_ref``.
+    """
+    scale = check_lora_embedding(ids, weight, lora_a, lora_b, scale)
+    V = weight.shape[0]
+    if padding_idx is None:
+        pad = -1
+    else:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -V <= padding_idx < V:
+            raise LoRAInputError(f"lora_kernels.lora_embedding: padding_idx must be an int in [-{V}, {V}) or None, "
+                                 f"got {padding_idx!r}")
+        pad = padding_idx % V
+    if lora_a.dtype != weight.dtype:
+        lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+    be = resolve_backend("lora_embedding", weight, lora_a, lora_b, ids, backend=backend)
+    return LoRAEmbeddingFunction.apply(ids, weight, lora_a, lora_b, scale, pad, bool(scale_grad_by_freq), be)
+
+
+def add_lora_embedding(
+    y: torch.Tensor,
+    token_ids: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Serving: embedding LoRA of many adapters in one batch, in place on the gathered base rows y; returns y.
+
+    ``y[t] += scales[i]·A[i, :rank_i, token_ids[t]]·B[i, :, :rank_i]ᵀ`` for ``i = adapter_ids[t]``; rows with id -1
+    are untouched. The shrink is a gather of A's column (no GEMM against the vocabulary).
+
+    Args:
+        y: [M, D] (``W[token_ids]``, any strides, every element stored once). token_ids: [M] int32/int64 in [0, V).
+        lora_a: stacked A [L, r_max, V] (PEFT's ``lora_embedding_A`` per adapter; any strides, so a [L, V, r_max]
+            storage is passed as ``.transpose(1, 2)``). lora_b: [L, D, r_max]. adapter_ids: [M] in [-1, L).
+        scales: [L] (finite). ranks: [L] in [0, r_max] or None (all r_max). backend: "triton" | "torch" | None.
+
+    An inference op (no autograd). Semantics: ``reference.add_lora_embedding_ref``.
+    """
+    check_add_lora_embedding(y, token_ids, lora_a, lora_b, adapter_ids, scales, ranks)
+    be = resolve_backend("add_lora_embedding", y, lora_a, lora_b, backend=backend)
+    _ops.add_lora_embedding_(y, token_ids, lora_a, lora_b, adapter_ids, scales, ranks, be)
+    return y

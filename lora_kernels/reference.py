@@ -598,3 +598,80 @@ def add_moe_lora_ref(
         cols.copy_(torch.where(active[:, None], cols.to(acc) + upd, cols.to(acc)).to(y.dtype))
         off += n_s
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA on an embedding table (ops/embedding.py): A gathered by token id, B expanded
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["lora_embedding_ref", "add_lora_embedding_ref"]
+
+
+def lora_embedding_ref(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    padding_idx: Optional[int] = None,
+) -> torch.Tensor:
+    """LoRA embedding lookup (PEFT's ``lora.Embedding`` layout), differentiable w.r.t. lora_a / lora_b / weight.
+
+    Shapes: ids [...] integer in [0, V); weight [V, D] (nn.Embedding layout); lora_a [r, V] (PEFT's
+    ``lora_embedding_A``); lora_b [D, r] (``lora_embedding_B``). acc = fp64 when any input is fp64, else fp32.
+    ::
+
+        xa[m]  = A[:, ids[m]]                              # [M, r]: A's column of the token (a gather, no GEMM)
+        y[m]   = W[ids[m]] + scale · xa[m] @ B.T           # [M, D], accumulated in acc, rounded once to W's dtype
+
+    ``padding_idx`` changes only the gradient, as in ``nn.Embedding``: tokens equal to it contribute nothing to
+    dA (PEFT embeds with ``F.embedding(ids, A.T, padding_idx)``). Returns y [..., D] in weight's dtype.
+    """
+    acc = compute_dtype(weight.dtype)
+    if torch.float64 in (lora_a.dtype, lora_b.dtype):
+        acc = torch.float64
+    flat = ids.reshape(-1).to(torch.int64)
+    xa = torch.nn.functional.embedding(flat, lora_a.to(acc).t(), padding_idx=padding_idx)
+    y = weight.to(acc)[flat] + scale * (xa @ lora_b.to(acc).t())
+    return y.to(weight.dtype).reshape(*ids.shape, weight.shape[1])
+
+
+def add_lora_embedding_ref(
+    y: torch.Tensor,
+    token_ids: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Serving: many adapters' embedding LoRA in one batch, in place on the gathered embedding rows y.
+
+    Shapes: y [M, D] (the base rows ``W[token_ids]``); token_ids [M] integer in [0, V); lora_a [L, r_max, V]
+    (stacked ``lora_embedding_A``; a [L, V, r_max] storage is ``.transpose(1, 2)``); lora_b [L, D, r_max];
+    adapter_ids [M] in [-1, L); scales [L]; ranks [L] in [0, r_max] or None (all r_max).
+    ::
+
+        for t in range(M):
+            i = adapter_ids[t]
+            if i < 0: continue                                      # token without adapter: y[t] untouched
+            r = ranks[i]
+            y[t] += scales[i] * (lora_a[i, :r, token_ids[t]] @ lora_b[i, :, :r].T)
+
+    The update is accumulated in fp32 (fp64 when an input is fp64) with y's old value and rounded once. Returns y.
+    """
+    M, D, r_max = y.shape[0], lora_b.shape[1], lora_b.shape[2]
+    if M == 0 or D == 0:
+        return y
+    acc = compute_dtype(y.dtype)
+    if torch.float64 in (lora_a.dtype, lora_b.dtype):
+        acc = torch.float64
+    ids = adapter_ids.to(torch.int64)
+    active = ids >= 0
+    safe = ids.clamp(min=0)
+    xa = lora_a.to(acc)[safe, :, token_ids.to(torch.int64)]  # [M, r_max]: A[i, :, tok] per token
+    if ranks is not None:
+        xa = xa * (torch.arange(r_max, device=y.device)[None, :] < ranks.to(y.device, torch.int64)[safe][:, None]).to(acc)
+    upd = torch.bmm(lora_b.to(acc)[safe], xa[:, :, None])[:, :, 0] * scales.to(acc)[safe][:, None]
+    y.copy_(torch.where(active[:, None], y.to(acc) + upd, y.to(acc)).to(y.dtype))
+    return y
