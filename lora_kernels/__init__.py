@@ -12,6 +12,8 @@ from . import functional as _functional
 from .functional import *  # noqa: F401,F403  (the functional API: every name in functional.__all__)
 from .exact_merge import MergeOverflowError, MergeRecord, merge_exact_, unmerge_exact_
 from .modules import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .named_adapters import (add_adapter, add_weighted_adapter, delete_adapter, disable_adapters, enable_adapters,
+                             set_adapter)
 from .reference import lora_scale
 
 __version__ = "0.1.0"
@@ -21,6 +23,12 @@ __all__ = [
     "LoRALinear",
     "inject_lora",
     "mark_only_lora_as_trainable",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "add_weighted_adapter",
     "lora_state_dict",
     "merge_exact_",
     "unmerge_exact_",

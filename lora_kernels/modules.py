@@ -17,12 +17,13 @@ from torch import nn
 from ._checks import LoRAInputError
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_linear, unmerge_
+from .named_adapters import NamedAdaptersMixin
 from .quant import is_quantized_base
 from .quant_modules import LoRAQuantLinear
 from .reference import lora_scale
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(NamedAdaptersMixin, nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update: ``y = base(x) + s·(drop(x)·Aᵀ)·Bᵀ``.
 
     Wraps ``base`` without copying: ``self.weight`` / ``self.bias`` are base's own Parameters (so a
@@ -102,6 +103,8 @@ class LoRALinear(nn.Module):
         bias = p["bias"] if "bias" in p else self.bias
         if self.merged:
             return nn.functional.linear(x, w, bias)
+        if not self._fast:  # several / another / no active adapter(s): lora_kernels/named_adapters.py
+            return self._forward_named(x)
         return lora_linear(
             x,
             w,
@@ -137,7 +140,9 @@ class LoRALinear(nn.Module):
             warnings.warn(f"LoRALinear.merge(allow_tied=True): {msg}", UserWarning, stacklevel=2)
         if hasattr(self, "reshard"):  # FSDP2 module: merge the sharded parameters, not a transient unsharded copy
             self.reshard()
-        self._merge_record = merge_exact_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+        a, b, s = self._merge_operands("merge")  # the active adapters (named_adapters.py)
+        self._merge_record = merge_exact_(self.weight, a, b, s, backend=self.backend)
+        self.merged_adapters = self.active_adapters
         self.merged = True
 
     @torch.no_grad()
@@ -169,16 +174,18 @@ class LoRALinear(nn.Module):
                 b = [t.to(dev) for t in record.lora_b]
                 unmerge_(self.weight, a, b, list(record.scales), backend=self.backend)
             else:
-                unmerge_(self.weight, self.lora_A, self.lora_B, self.scale, backend=self.backend)
+                a, b, s = self._merge_operands("unmerge")
+                unmerge_(self.weight, a, b, s, backend=self.backend)
         self._merge_record = None
         self.merged = False
+        self.merged_adapters = ()
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.merge_on_eval:
             if mode and self.merged:
                 self.unmerge()
-            elif not mode and not self.merged:
+            elif not mode and not self.merged and not self._disabled:
                 self.merge()
         return self
 
@@ -227,7 +234,9 @@ def inject_lora(
     if not hits:
         if moe_hits:
             return model
-        raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r}")
+        raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r} (a layer "
+                         "that already has LoRA takes another adapter with lora_kernels.add_adapter(model, name, "
+                         "target_modules, r, alpha))")
     names_of: Dict[int, list] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(pname)

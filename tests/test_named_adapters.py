@@ -1,0 +1,324 @@
+"""Several named adapters on one LoRALinear: add / set / delete / disable, fused multi-adapter forward (one
+lora_linear call), dropout grouping, merge of the active adapters, add_weighted_adapter vs PEFT."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TOL, assert_close_rel
+
+import lora_kernels as lk
+import lora_kernels.named_adapters as na
+from lora_kernels import LoRAInputError, LoRALinear
+from lora_kernels.ops.merge import BITS_DTYPE
+from lora_kernels.reference import dropout_keep_mask
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+
+def _layer(N=23, K=37, dtype=torch.float32, backend="torch", seed=0, bias=True):
+    torch.manual_seed(seed)
+    base = nn.Linear(K, N, bias=bias).to(dtype)
+    layer = LoRALinear(base, 4, 8, backend=backend)
+    layer.add_adapter("b", 7, 3.0)
+    layer.add_adapter("c", 1, 5.0, use_rslora=True)
+    with torch.no_grad():
+        for n in layer.adapter_names:
+            for p in layer.adapter_weights(n):
+                p.normal_(0, 0.5)
+    return layer
+
+
+def _ref64(layer, x, names):
+    """float64 twin: base(x) + Σ s_i·x·A_iᵀ·B_iᵀ over ``names`` (no dropout)."""
+    y = x.double() @ layer.weight.double().t()
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    for n in names:
+        a, b = layer.adapter_weights(n)
+        y = y + layer.adapter_config(n).scale * (x.double() @ a.double().t()) @ b.double().t()
+    return y
+
+
+class _Count:
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = na.lora_linear
+
+        def counted(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(na, "lora_linear", counted)
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16), ("torch", torch.float64),
+                                           ("triton", torch.float32), ("triton", torch.float16)])
+@pytest.mark.parametrize("names", [["b"], ["default", "b"], ["c", "b", "default"]])
+def test_fused_forward_and_grads_vs_float64(backend, dtype, names, monkeypatch):
+    layer = _layer(dtype=dtype, backend=backend)
+    layer.set_adapter(names)
+    assert layer.active_adapters == tuple(names)
+    x = torch.randn(3, 5, 37, dtype=dtype, requires_grad=True)
+    calls = _Count(monkeypatch)
+    y = layer(x)
+    assert calls.n == 1, "the active adapters must run as ONE lora_linear call"
+    tol = TOL[torch.float32] if dtype == torch.float64 else TOL[dtype]
+    assert_close_rel(y, _ref64(layer, x, names), tol, f"forward {names}")
+    # gradients vs autograd through the float64 twin
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    ps = {n: [p.detach().double().requires_grad_(True) for p in layer.adapter_weights(n)] for n in names}
+    y64 = x64 @ layer.weight.double().t()
+    for n in names:
+        y64 = y64 + layer.adapter_config(n).scale * (x64 @ ps[n][0].t()) @ ps[n][1].t()
+    y64.backward(dy.double())
+    assert_close_rel(x.grad, x64.grad, tol, "dx")
+    for n in names:
+        for p, p64, w in zip(layer.adapter_weights(n), ps[n], "AB"):
+            assert p.grad is not None, f"{n}.{w} has no grad"
+            assert_close_rel(p.grad, p64.grad, tol, f"d{w} of {n}")
+    for n in layer.adapter_names:  # inactive adapters are frozen (PEFT's set_adapter)
+        for p in layer.adapter_weights(n):
+            assert p.requires_grad == (n in names)
+
+
+def test_single_default_keeps_old_path_and_keys(monkeypatch):
+    layer = _layer()
+    assert layer._fast and layer.active_adapters == ("default",)
+    calls = _Count(monkeypatch)
+    x = torch.randn(4, 37)
+    assert_close_rel(layer(x), _ref64(layer, x, ["default"]), TOL[torch.float32])
+    assert calls.n == 0  # modules.py's own lora_linear call, not the named path
+    plain = LoRALinear(nn.Linear(37, 23), 4, 8)
+    assert sorted(plain.state_dict()) == ["bias", "lora_A", "lora_B", "weight"]
+    assert sorted(layer.state_dict()) == ["bias", "lora_A", "lora_A_named.b", "lora_A_named.c", "lora_B",
+                                          "lora_B_named.b", "lora_B_named.c", "weight"]
+    assert (layer.r, layer.scale) == (4, 2.0) and layer.lora_A.shape == (4, 37)
+
+
+def test_disable_context_and_enable():
+    layer = _layer()
+    layer.set_adapter(["default", "b"])
+    x = torch.randn(6, 37)
+    base = x @ layer.weight.t() + layer.bias
+    with layer.disable_adapters():
+        assert_close_rel(layer(x), base, TOL[torch.float32])
+        assert not layer.adapters_enabled
+    assert layer.adapters_enabled
+    assert_close_rel(layer(x), _ref64(layer, x, ["default", "b"]), TOL[torch.float32])
+    layer.disable_adapters()
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer.enable_adapters()
+    assert layer.adapters_enabled and not layer._fast
+
+
+def test_delete_adapter_promotes_and_restores_keys():
+    layer = _layer()
+    a_b = layer.lora_A_named["b"]
+    layer.set_adapter(["default", "b"])
+    x = torch.randn(5, 37)
+    layer.delete_adapter("default")
+    assert layer.primary_adapter == "b" and layer.lora_A is a_b and layer.r == 7 and layer.scale == 3.0 / 7
+    assert layer.active_adapters == ("b",) and layer._fast
+    assert_close_rel(layer(x), _ref64(layer, x, ["b"]), TOL[torch.float32])
+    layer.delete_adapter("c")
+    assert sorted(layer.state_dict()) == ["bias", "lora_A", "lora_B", "weight"]  # single adapter: the old keys
+    with pytest.raises(LoRAInputError, match="only adapter"):
+        layer.delete_adapter("b")
+
+
+def test_errors_are_clear():
+    layer = _layer()
+    with pytest.raises(LoRAInputError, match="already exists"):
+        layer.add_adapter("b", 2, 2)
+    with pytest.raises(LoRAInputError, match="without '.'"):
+        layer.add_adapter("x.y", 2, 2)
+    with pytest.raises(LoRAInputError, match="rank r"):
+        layer.add_adapter("z", 0, 2)
+    with pytest.raises(LoRAInputError, match=r"unknown adapter\(s\) \['nope'\]"):
+        layer.set_adapter(["b", "nope"])
+    with pytest.raises(LoRAInputError, match="repeat"):
+        layer.set_adapter(["b", "b"])
+    with pytest.raises(LoRAInputError, match="equal ranks"):
+        layer.add_weighted_adapter(["default", "b"], [1, 1], "m", "linear")
+    with pytest.raises(LoRAInputError, match="one weight per adapter"):
+        layer.add_weighted_adapter(["default", "b"], [1], "m", "cat")
+    layer.set_adapter(["default", "b"])
+    layer.merge()
+    for call in (lambda: layer.set_adapter("c"), layer.disable_adapters, lambda: layer.delete_adapter("b")):
+        with pytest.raises(RuntimeError, match="merged"):
+            call()
+    layer.unmerge()
+    with layer.disable_adapters(), pytest.raises(RuntimeError, match="disabled"):
+        layer.merge()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_of_active_adapters_exact_round_trip(dtype):
+    layer = _layer(dtype=dtype)
+    layer.set_adapter(["c", "default", "b"])
+    x = torch.randn(7, 37, dtype=dtype)
+    y_unmerged = layer(x)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged_adapters == ("c", "default", "b")
+    assert_close_rel(layer(x), y_unmerged, TOL[dtype], "merged vs fused")
+    delta = sum(layer.adapter_config(n).scale * layer.adapter_weights(n)[1].double() @ layer.adapter_weights(n)[0].double()
+                for n in layer.active_adapters)
+    assert_close_rel(layer.weight, w0.double() + delta, TOL[dtype], "merged weight")
+    layer.unmerge()
+    bits = BITS_DTYPE[dtype]
+    assert torch.equal(layer.weight.view(bits), w0.view(bits))
+
+
+def test_dropout_same_p_shares_one_call_and_mask(monkeypatch):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(37, 23), 4, 8, dropout=0.25, backend="torch")
+    layer.add_adapter("b", 3, 3.0, dropout=0.25)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_B_named["b"].normal_()
+    layer.set_adapter(["default", "b"])
+    layer.train()
+    x = torch.randn(9, 37)
+    calls = _Count(monkeypatch)
+    torch.manual_seed(123)
+    y = layer(x)
+    assert calls.n == 1
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))  # what lora_linear draws (functional._draw_seed)
+    xd = x.double() * dropout_keep_mask(seed, 9, 37, 0.25).double() / 0.75
+    expect = x.double() @ layer.weight.double().t() + layer.bias.double()
+    for n in ("default", "b"):
+        a, b = layer.adapter_weights(n)
+        expect = expect + layer.adapter_config(n).scale * (xd @ a.double().t()) @ b.double().t()
+    assert_close_rel(y, expect, TOL[torch.float32], "shared dropout mask")
+
+
+def test_dropout_different_p_grouped(monkeypatch):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(37, 23), 4, 8, dropout=0.25, backend="torch")
+    layer.add_adapter("b", 3, 3.0, dropout=0.5)
+    layer.add_adapter("c", 2, 1.0, dropout=0.25)
+    with torch.no_grad():
+        for n in layer.adapter_names:
+            layer.adapter_weights(n)[1].normal_()
+    layer.set_adapter(["default", "b", "c"])
+    layer.train()
+    x = torch.randn(9, 37)
+    calls = _Count(monkeypatch)
+    torch.manual_seed(7)
+    y = layer(x)
+    assert calls.n == 1  # {default, c} (p = 0.25) fused with the base GEMM; b (p = 0.5) by torch ops
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    xd1 = x.double() * dropout_keep_mask(seed, 9, 37, 0.25).double() / 0.75
+    xd2 = nn.functional.dropout(x, 0.5, True).double()  # the next draw from the generator
+    expect = x.double() @ layer.weight.double().t() + layer.bias.double()
+    for n, xd in (("default", xd1), ("c", xd1), ("b", xd2)):
+        a, b = layer.adapter_weights(n)
+        expect = expect + layer.adapter_config(n).scale * (xd @ a.double().t()) @ b.double().t()
+    assert_close_rel(y, expect, TOL[torch.float32], "grouped dropout")
+    layer.eval()  # eval: one group, no dropout
+    calls.n = 0
+    assert_close_rel(layer(x), _ref64(layer, x, ["default", "b", "c"]), TOL[torch.float32])
+    assert calls.n == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against PEFT
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(20, 24)
+        self.v_proj = nn.Linear(24, 12)
+
+    def forward(self, x):
+        return self.v_proj(torch.tanh(self.q_proj(x)))
+
+
+def _pair(use_rslora=False):
+    """A PEFT model with adapters default (r=4), b (r=6), c (r=4, only q_proj), random nonzero weights, and our
+    copy of it."""
+    torch.manual_seed(0)
+    base = Net()
+    ours = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=use_rslora))
+    pm.add_adapter("b", LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "v_proj"], use_rslora=use_rslora))
+    pm.add_adapter("c", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"], use_rslora=use_rslora))
+    lk.inject_lora(ours, ["q_proj", "v_proj"], 4, 8, use_rslora=use_rslora, backend="torch")
+    lk.add_adapter(ours, "b", ["q_proj", "v_proj"], 6, 3, use_rslora=use_rslora)
+    lk.add_adapter(ours, "c", ["q_proj"], 4, 16, use_rslora=use_rslora)
+    with torch.no_grad():
+        for name in ("q_proj", "v_proj"):
+            pl, ol = getattr(pm.base_model.model, name), getattr(ours, name)
+            for ad in ol.adapter_names:
+                a, b = ol.adapter_weights(ad)
+                a.normal_(0, 0.3)
+                b.normal_(0, 0.3)
+                pl.lora_A[ad].weight.copy_(a)
+                pl.lora_B[ad].weight.copy_(b)
+    return pm, ours
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_set_adapter_and_disable_match_peft(use_rslora):
+    pm, ours = _pair(use_rslora)
+    x = torch.randn(5, 20)
+    for names in (["b"], ["default", "b"], ["c", "b"], ["default", "b", "c"]):
+        pm.base_model.set_adapter(names)
+        lk.set_adapter(ours, names)
+        assert_close_rel(ours(x), pm(x), TOL[torch.float32], f"active {names}")
+    with pm.disable_adapter(), lk.disable_adapters(ours):
+        assert_close_rel(ours(x), pm(x), TOL[torch.float32], "disabled")
+    assert_close_rel(ours(x), pm(x), TOL[torch.float32], "re-enabled")
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
+def test_add_weighted_adapter_matches_peft(combination_type):
+    pm, ours = _pair()
+    adapters, weights = (["default", "c"], [0.7, -1.3]) if combination_type == "linear" else (["default", "b", "c"], [0.7, 1.5, -0.4])
+    pm.add_weighted_adapter(adapters, weights, "mix", combination_type=combination_type)
+    lk.add_weighted_adapter(ours, adapters, weights, "mix", combination_type=combination_type)
+    for name in ("q_proj", "v_proj"):
+        pl, ol = getattr(pm.base_model.model, name), getattr(ours, name)
+        a, b = ol.adapter_weights("mix")
+        pa, pb = pl.lora_A["mix"].weight, pl.lora_B["mix"].weight
+        assert ol.adapter_config("mix").scale == pl.scaling["mix"] == 1.0
+        if combination_type == "svd":  # singular vectors are defined up to sign: compare ΔW
+            assert_close_rel(b @ a, pb @ pa, TOL[torch.float32], f"svd {name}")
+        else:  # the same operations in the same order: bit-identical. PEFT sizes "cat" by the model's ranks and
+            # zero-pads a layer lacking an adapter (v_proj has no "c"); we keep that layer's own rank.
+            r = a.shape[0]
+            assert torch.equal(a, pa[:r]) and torch.equal(b, pb[:, :r]), f"{combination_type} {name}"
+            assert not pa[r:].any() and not pb[:, r:].any()
+    x = torch.randn(5, 20)
+    pm.base_model.set_adapter("mix")
+    lk.set_adapter(ours, "mix")
+    assert_close_rel(ours(x), pm(x), TOL[torch.float32], "mix forward")
+    if combination_type == "cat":  # exact: Σ w_i·s_i·B_i·A_i, so equal to the weighted active adapters
+        q = ours.q_proj
+        want = sum(w * q.adapter_config(n).scale * q.adapter_weights(n)[1].double() @ q.adapter_weights(n)[0].double()
+                   for n, w in zip(adapters, weights))
+        a, b = q.adapter_weights("mix")
+        assert_close_rel(b.double() @ a.double(), want, 1e-6, "cat is exact")
+
+
+def test_model_level_add_adapter_requires_a_match():
+    _, ours = _pair()
+    with pytest.raises(LoRAInputError, match="no LoRALinear layer matches"):
+        lk.add_adapter(ours, "z", ["k_proj"], 2, 2)
+    with pytest.raises(LoRAInputError, match="unknown adapter"):
+        lk.set_adapter(ours, "zz")
+    lk.delete_adapter(ours, "c")
+    assert ours.q_proj.adapter_names == ("default", "b")
+    assert math.isclose(ours.v_proj.adapter_config("b").scale, 0.5)
