@@ -1,0 +1,145 @@
+"""merge_and_unload / unload: plain nn.Linear back, HF save_pretrained of the result reloads with no lora_* keys and
+the LoRA model's logits; tied lm_head refused or untied."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TOL, assert_close_rel
+
+import lora_kernels as lk
+from lora_kernels import LoRAInputError, LoRALinear
+from lora_kernels.ops.merge import BITS_DTYPE
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+
+def _llama(tie=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _randomize(model, std=0.2):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                for n in m.adapter_names:
+                    for p in m.adapter_weights(n):
+                        p.normal_(0, std)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_merge_and_unload_save_pretrained_round_trip(tmp_path):
+    model = _llama()
+    lk.inject_lora(model, ["q_proj", "v_proj", "o_proj", "down_proj"], 4, 8, backend="torch")
+    lk.add_adapter(model, "b", ["q_proj", "down_proj"], 3, 6)
+    _randomize(model)
+    lk.set_adapter(model, ["default", "b"])
+    ids = torch.randint(0, 61, (2, 9))
+    want = _logits(model, ids)
+    model.model.layers[0].self_attn.q_proj.merge()  # one layer already merged: kept as merged
+    out = lk.merge_and_unload(model)
+    assert out is model
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(type(model.model.layers[i].self_attn.q_proj) is nn.Linear for i in range(2))
+    assert not [k for k in model.state_dict() if "lora" in k]
+    assert_close_rel(_logits(model, ids), want, TOL[torch.float32], "unloaded vs LoRA model")
+    model.save_pretrained(tmp_path)
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"], info
+    assert_close_rel(_logits(back.eval(), ids), want, TOL[torch.float32], "reloaded vs LoRA model")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merged_weight_bits(dtype):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(37, 29).to(dtype), nn.Linear(29, 11).to(dtype))
+    w0 = [base[i].weight.detach().clone() for i in range(2)]
+    lk.inject_lora(base, ["0", "1"], 5, 10, backend="torch")
+    _randomize(base)
+    base[0].merge()
+    merged_bits = base[0].weight.detach().clone()
+    ref = w0[1].clone()
+    lk.merge_(ref, base[1].lora_A, base[1].lora_B, base[1].scale, backend="torch")
+    x = torch.randn(4, 37, dtype=dtype)
+    want = base(x)
+    lk.merge_and_unload(base)
+    bits = BITS_DTYPE[dtype]
+    assert torch.equal(base[0].weight.view(bits), merged_bits.view(bits))  # already merged: left as it was
+    assert torch.equal(base[1].weight.view(bits), ref.view(bits))  # merge_: the value merge() writes
+    assert_close_rel(base(x), want, TOL[dtype])
+
+
+def test_unload_restores_base_bits():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(16, 24).to(torch.bfloat16), nn.Linear(24, 8).to(torch.bfloat16))
+    w0 = [net[i].weight.detach().clone() for i in range(2)]
+    lk.inject_lora(net, ["0", "1"], 4, 8, backend="torch")
+    _randomize(net, 0.5)
+    net[0].merge()
+    lk.unload(net)
+    for i in range(2):
+        assert type(net[i]) is nn.Linear
+        assert torch.equal(net[i].weight.view(torch.int16), w0[i].view(torch.int16))
+
+
+def test_disabled_adapters_are_not_merged():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(16, 24))
+    w0 = net[0].weight.detach().clone()
+    lk.inject_lora(net, ["0"], 4, 8, backend="torch")
+    _randomize(net)
+    lk.disable_adapters(net)
+    lk.merge_and_unload(net)
+    assert torch.equal(net[0].weight, w0)
+
+
+def test_tied_lm_head_refused_or_untied(tmp_path):
+    model = _llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    emb0 = model.model.embed_tokens.weight.detach().clone()
+    lk.inject_lora(model, ["lm_head", "q_proj"], 4, 8, backend="torch")
+    _randomize(model)
+    ids = torch.randint(0, 61, (2, 7))
+    want = _logits(model, ids)
+    with pytest.raises(LoRAInputError, match=r"lm_head.weight is tied to model.embed_tokens.weight.*tied='untie'"):
+        lk.merge_and_unload(model)
+    assert isinstance(model.lm_head, LoRALinear) and torch.equal(model.model.embed_tokens.weight, emb0)  # untouched
+    with pytest.warns(UserWarning, match="tie is broken"):
+        lk.merge_and_unload(model, tied="untie")
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, emb0)
+    assert model.config.tie_word_embeddings is False
+    assert_close_rel(_logits(model, ids), want, TOL[torch.float32], "untied unload")
+    model.save_pretrained(tmp_path)
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    assert_close_rel(_logits(back.eval(), ids), want, TOL[torch.float32], "untied reload")
+
+
+def test_tied_merge_mode_warns_and_changes_shared_matrix():
+    model = _llama(tie=True)
+    lk.inject_lora(model, ["lm_head"], 4, 8, backend="torch")
+    _randomize(model)
+    emb0 = model.model.embed_tokens.weight.detach().clone()
+    with pytest.warns(UserWarning, match="changes those modules too"):
+        lk.merge_and_unload(model, tied="merge")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(model.model.embed_tokens.weight, emb0)
+
+
+def test_nothing_to_unload_and_bad_tied():
+    with pytest.raises(LoRAInputError, match="no LoRA layers"):
+        lk.merge_and_unload(nn.Sequential(nn.Linear(3, 3)))
+    net = lk.inject_lora(nn.Sequential(nn.Linear(3, 3)), ["0"], 2, 2)
+    with pytest.raises(LoRAInputError, match="tied must be"):
+        lk.merge_and_unload(net, tied="yes")
