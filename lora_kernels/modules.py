@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from typing import Dict, Iterable, Optional, Tuple, Union
 
@@ -43,6 +44,8 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
     :class:`lora_kernels.quant_modules.LoRAQuantLinear` instead (same arguments; it cannot merge).
     """
 
+    fan_in_fan_out = False  # True for a transformers Conv1D base (weight [K, N]); set per instance in __init__
+
     def __new__(cls, base=None, *args, **kwargs):
         if cls is LoRALinear and base is not None and is_quantized_base(base):
             return LoRAQuantLinear(base, *args, **kwargs)  # not a LoRALinear, so __init__ does not run again
@@ -60,15 +63,21 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         lora_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        # GPT-2's transformers Conv1D: weight [K, N], y = x·W + b (PEFT's fan_in_fan_out). The ops get weight.t(), a
+        # view (every backend reads the base weight through its strides), and merges go into Conv1D's own parameter.
+        self.fan_in_fan_out = is_conv1d(base)
+        if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
+            raise TypeError(unsupported_base("LoRALinear", base))
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: rank r must be a positive int, got {r!r}")
         if not (0.0 <= float(dropout) < 1.0):
             raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
         if not math.isfinite(float(alpha)):
             raise ValueError(f"LoRALinear: alpha must be finite, got {alpha}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -95,11 +104,18 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    @property
+    def weight_nk(self) -> torch.Tensor:
+        """The base weight in nn.Linear's [N, K] layout: ``weight`` itself, or a transposed view of a Conv1D's [K, N]."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Parameters straight from _parameters (nn.Module.__getattr__ costs about a µs each on a small CPU); a name
         # that is not a registered parameter (bias=None is a plain attribute) falls back to getattr.
         p = self._parameters
         w = p["weight"] if "weight" in p else self.weight
+        if self.fan_in_fan_out:  # Conv1D [K, N] -> its [N, K] view
+            w = w.t()
         bias = p["bias"] if "bias" in p else self.bias
         if self.merged:
             return nn.functional.linear(x, w, bias)
@@ -141,7 +157,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         if hasattr(self, "reshard"):  # FSDP2 module: merge the sharded parameters, not a transient unsharded copy
             self.reshard()
         a, b, s = self._merge_operands("merge")  # the active adapters (named_adapters.py)
-        self._merge_record = merge_exact_(self.weight, a, b, s, backend=self.backend)
+        self._merge_record = merge_exact_(self.weight_nk, a, b, s, backend=self.backend)
         self.merged_adapters = self.active_adapters
         self.merged = True
 
@@ -160,7 +176,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         try:
             if record is None:
                 raise LoRAInputError("no merge record (merged by an older version or by hand)")
-            unmerge_exact_(self.weight, record)
+            unmerge_exact_(self.weight_nk, record)
         except LoRAInputError as e:
             warnings.warn(
                 f"LoRALinear.unmerge(): exact unmerge impossible ({e}); subtracting the adapter with the plain "
@@ -172,10 +188,10 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
                 dev = self.weight.device
                 a = [t.to(dev) for t in record.lora_a]
                 b = [t.to(dev) for t in record.lora_b]
-                unmerge_(self.weight, a, b, list(record.scales), backend=self.backend)
+                unmerge_(self.weight_nk, a, b, list(record.scales), backend=self.backend)
             else:
                 a, b, s = self._merge_operands("unmerge")
-                unmerge_(self.weight, a, b, s, backend=self.backend)
+                unmerge_(self.weight_nk, a, b, s, backend=self.backend)
         self._merge_record = None
         self.merged = False
         self.merged_adapters = ()
@@ -196,6 +212,25 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         )
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers.pytorch_utils.Conv1D`` (GPT-2 family; weight [K, N], y = x·W + b).
+    Asked without importing transformers (a model holding one has imported it already)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return mod is not None and isinstance(module, getattr(mod, "Conv1D", ()))
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def unsupported_base(who: str, module: nn.Module, name: Optional[str] = None) -> str:
+    """The error message for a module LoRA cannot wrap (convolutions named as such)."""
+    what = f"module {name!r} ({type(module).__name__})" if name is not None else type(module).__name__
+    if isinstance(module, _CONV):
+        return (f"{who}: {what} is a convolution; LoRA on convolutions is not supported (targets: nn.Linear, "
+                "transformers Conv1D, nn.Embedding)")
+    return f"{who}: wraps an nn.Linear or a transformers Conv1D, got {what}"
+
+
 def _matches(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -213,7 +248,9 @@ def inject_lora(
     merge_on_eval: bool = False,
     lora_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` whose qualified name matches with a :class:`LoRALinear`, in place.
+    """Replace every ``nn.Linear`` (or transformers ``Conv1D``) whose qualified name matches with a :class:`LoRALinear`,
+    and every ``nn.Embedding`` with a :class:`lora_kernels.LoRAEmbedding`, in place. A matched convolution raises
+    TypeError (not supported); a target whose weight is tied to another parameter (a tied lm_head) gets a warning.
 
     Quantised bases (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, float8) get a ``LoRAQuantLinear``;
     ``lora_dtype`` is the adapters' dtype (default: the base's, or its compute dtype when quantised).
@@ -226,15 +263,20 @@ def inject_lora(
     from .moe import inject_moe_lora  # MoE experts (3-D expert parameters, nn.ModuleList experts): lora_kernels/moe.py
 
     moe_hits = inject_moe_lora(model, target_modules, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
-    hits = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not isinstance(mod, (LoRALinear, LoRAQuantLinear)) and _matches(name, target_modules)
-    ]
+    from .embedding import LoRAEmbedding  # nn.Embedding targets: lora_kernels/embedding.py
+
+    hits = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (LoRALinear, LoRAQuantLinear, LoRAEmbedding)) or not _matches(name, target_modules):
+            continue
+        if isinstance(mod, (nn.Linear, nn.Embedding)) or is_conv1d(mod):
+            hits.append((name, mod))
+        elif isinstance(mod, _CONV):
+            raise TypeError(unsupported_base("inject_lora", mod, name))
     if not hits:
         if moe_hits:
             return model
-        raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r} (a layer "
+        raise ValueError(f"inject_lora: no nn.Linear / Conv1D / nn.Embedding in the model matches target_modules={target_modules!r} (a layer "
                          "that already has LoRA takes another adapter with lora_kernels.add_adapter(model, name, "
                          "target_modules, r, alpha))")
     names_of: Dict[int, list] = {}
@@ -243,9 +285,14 @@ def inject_lora(
     for name, mod in hits:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
+        cls = LoRAEmbedding if isinstance(mod, nn.Embedding) else LoRALinear
+        layer = cls(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
         own = f"{name}.weight"
         layer.tied_to = tuple(n for n in names_of.get(id(mod.weight), ()) if n != own)
+        if layer.tied_to:  # as PEFT warns for a tied lm_head / embedding target
+            warnings.warn(f"inject_lora: {own} is tied to {', '.join(layer.tied_to)}; the adapter is not tied (it acts on "
+                          f"{name} only), and merging it would change the tied parameter too, so merge() refuses "
+                          "unless allow_tied=True. Untie the weights first to merge safely.", UserWarning, stacklevel=2)
         setattr(parent, child, layer)
     return model
 
