@@ -12,6 +12,7 @@ from . import functional as _functional
 from .functional import *  # noqa: F401,F403  (the functional API: every name in functional.__all__)
 from .exact_merge import MergeOverflowError, MergeRecord, merge_exact_, unmerge_exact_
 from .modules import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .embedding import LoRAEmbedding
 from .named_adapters import (add_adapter, add_weighted_adapter, delete_adapter, disable_adapters, enable_adapters,
                              set_adapter)
 from .unload import merge_and_unload, unload
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_functional.__all__,
     "LoRALinear",
+    "LoRAEmbedding",
     "inject_lora",
     "mark_only_lora_as_trainable",
     "add_adapter",
