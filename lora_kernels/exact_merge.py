@@ -255,6 +255,28 @@ def _check_record(op: str, weight: torch.Tensor, record, backend: Optional[str])
         )
 
 
+def rebind_record_(record, old_weight: torch.Tensor, new_weight: torch.Tensor) -> bool:
+    """Re-bind ``record`` (a copy, e.g. made by ``copy.deepcopy``) from ``old_weight`` to ``new_weight``, a bit-identical
+    copy of it (same shape, strides, dtype, device; another storage). Done only while the record still describes
+    ``old_weight`` (not used, same identity, same version counter): then ``unmerge_exact_(new_weight, record)``
+    restores the copy bit-for-bit. Returns whether it re-bound; a stale record is left as it is (its unmerge then
+    refuses as before). Callers guarantee the bits are equal (a clone); this checks the metadata only."""
+    if not isinstance(record, MergeRecord) or record.consumed:
+        return False
+    old = (old_weight.data_ptr(), tuple(old_weight.shape), tuple(old_weight.stride()), old_weight.dtype, old_weight.device)
+    if old != (record.weight_ptr, record.weight_shape, record.weight_stride, record.weight_dtype, record.weight_device):
+        return False
+    v = _version(old_weight)
+    if record.weight_version is not None and v is not None and v != record.weight_version:
+        return False
+    if (tuple(new_weight.shape), tuple(new_weight.stride()), new_weight.dtype) != old[1:4]:
+        return False
+    record.weight_ptr = new_weight.data_ptr()
+    record.weight_device = new_weight.device
+    record.weight_version = _version(new_weight)
+    return True
+
+
 def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
     # the plain merge of the same backend and launch config with negated scales forms exactly −Δ
     launcher("merge", record.backend)(weight, record.lora_a, record.lora_b, [-s for s in record.scales], record.config)

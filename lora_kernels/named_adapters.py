@@ -31,7 +31,9 @@ Merging merges the active adapters (``merge_exact_`` with one (A, B, s) per adap
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -278,7 +280,7 @@ class NamedAdaptersMixin:
         return a_cat, b_cat, s_ref
 
     def _forward_named(self, x: torch.Tensor) -> torch.Tensor:
-        w, bias = self.weight, self.bias
+        w, bias = self.weight_nk, self.bias  # [N, K] (a transposed view for a Conv1D base)
         if self._disabled:
             return nn.functional.linear(x, w, bias)
         groups: Dict[float, List[str]] = {}
@@ -300,6 +302,34 @@ class NamedAdaptersMixin:
         names = self.active_adapters
         pairs = [self.adapter_weights(n) for n in names]
         return [a for a, _ in pairs], [b for _, b in pairs], [self.adapter_config(n).scale for n in names]
+
+    # -- the merge record under copy.deepcopy --------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        """A deep copy as ``nn.Module``'s default (every attribute deep-copied through ``memo``), then the copy's exact
+        merge record is re-bound to the copy's weight (``exact_merge.rebind_record_``), so ``unmerge()`` on a copy
+        of a merged layer restores the copy's base weight bit-for-bit, and the original keeps its own record."""
+        cls = type(self)
+        new = object.__new__(cls)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        rec = new.__dict__.get("_merge_record")
+        if rec is not None and self.merged:
+            from .exact_merge import rebind_record_
+
+            old_w = self.weight_nk if hasattr(self, "weight_nk") else self.weight
+            new_w = new.weight_nk if hasattr(new, "weight_nk") else new.weight
+            rebind_record_(rec, old_w, new_w)
+        return new
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            warnings.warn(
+                "LoRALinear.state_dict(): the layer is merged, so 'weight' holds W0 + ΔW, and the exact-merge record is "
+                "not part of a state dict (it cannot be saved: load_state_dict writes the weight in place, which a "
+                "record refuses). Loading this state dict into an unmerged LoRALinear applies the adapter twice; load it "
+                "into a plain model (without the lora_* keys), export with lora_kernels.merge_and_unload(model), or "
+                "unmerge() before saving to keep W0.", UserWarning, stacklevel=3)
 
     # -- weighted combination -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """``merge_and_unload`` / ``unload``: give back a plain model (``nn.Linear`` where LoRA was), as PEFT's methods of the
 same names, so that ``save_pretrained`` of the result has exactly the base model's keys.
 
-* A :class:`~lora_kernels.LoRALinear` becomes an ``nn.Linear`` holding the base's own ``weight`` / ``bias``
+* A :class:`~lora_kernels.LoRALinear` becomes an ``nn.Linear`` (a transformers ``Conv1D`` for a GPT-2 base) holding the base's own ``weight`` / ``bias``
   Parameters (no copy). ``merge_and_unload`` first folds the active adapters into that weight: a layer already
   merged (``layer.merge()``) keeps its merged weight as it is (its exact-merge record is dropped: the result has no
   adapter to unmerge); an unmerged one is merged with :func:`lora_kernels.merge_` (fp32 accumulate, one rounding:
@@ -39,8 +39,13 @@ def _names_of(model: nn.Module) -> Dict[int, List[str]]:
     return out
 
 
-def _plain_linear(layer, weight: nn.Parameter) -> nn.Linear:
-    new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+def _plain_linear(layer, weight: nn.Parameter) -> nn.Module:
+    if getattr(layer, "fan_in_fan_out", False):  # GPT-2's transformers Conv1D (weight [K, N]): give a Conv1D back
+        from transformers.pytorch_utils import Conv1D
+
+        new = Conv1D(layer.out_features, layer.in_features)
+    else:
+        new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     new.weight = weight
     if layer.bias is not None:
         new.bias = layer.bias
@@ -130,7 +135,7 @@ def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
         if merge:
             if do_merge:
                 a, b, s = m._merge_operands(where)
-                merge_(weight, a, b, s, backend=m.backend)
+                merge_(weight.t() if m.fan_in_fan_out else weight, a, b, s, backend=m.backend)
             # an already-merged layer keeps its merged weight; its record is dropped with the layer
         elif m.merged:
             m.unmerge()  # exact (bit-for-bit) where the record allows, else a warning and a rounding unmerge

@@ -143,3 +143,90 @@ def test_nothing_to_unload_and_bad_tied():
     net = lk.inject_lora(nn.Sequential(nn.Linear(3, 3)), ["0"], 2, 2)
     with pytest.raises(LoRAInputError, match="tied must be"):
         lk.merge_and_unload(net, tied="yes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merge records follow copy.deepcopy; state_dict says it cannot carry them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bits(t):
+    return t.detach().view(BITS_DTYPE[t.dtype]).clone() if t.dtype in BITS_DTYPE else t.detach().clone()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_deepcopy_of_merged_bf16_model_unmerges_bit_exactly(arch):
+    import copy
+
+    if arch == "llama":
+        model = _llama(dtype=torch.bfloat16)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    else:  # transformers Conv1D (weight [K, N]): the record describes the transposed view
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).to(torch.bfloat16)
+        targets = ["c_attn", "c_proj", "c_fc"]
+    lk.inject_lora(model, targets, 4, 8, backend="torch")
+    _randomize(model, 0.3)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = {id(m): _bits(m.weight) for m in layers}
+    for m in layers:
+        m.merge()
+    assert any(m._merge_record.n_repairs for m in layers)  # the plain unmerge would not restore these bits
+    twin = copy.deepcopy(model)
+    twin_layers = [m for m in twin.modules() if isinstance(m, LoRALinear)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "exact unmerge impossible" warning
+        for m, t in zip(layers, twin_layers):
+            assert t.weight.data_ptr() != m.weight.data_ptr()
+            t.unmerge()
+            assert torch.equal(_bits(t.weight), before[id(m)])
+        for m in layers:  # the original keeps its own record
+            m.unmerge()
+            assert torch.equal(_bits(m.weight), before[id(m)])
+
+
+def test_deepcopy_of_a_stale_record_still_warns():
+    import copy
+
+    net = lk.inject_lora(nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16)), ["0"], 2, 4, backend="torch")
+    _randomize(net)
+    net[0].merge()
+    with torch.no_grad():
+        net[0].weight.add_(1)  # the record no longer describes the weight
+    twin = copy.deepcopy(net)
+    with pytest.warns(RuntimeWarning, match="exact unmerge impossible"):
+        twin[0].unmerge()
+
+
+def test_state_dict_of_a_merged_layer_warns():
+    net = lk.inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], 2, 4, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keys = sorted(net.state_dict())  # unmerged: silent, the usual keys
+    assert keys == ["0.bias", "0.lora_A", "0.lora_B", "0.weight"]
+    net[0].merge()
+    with pytest.warns(UserWarning, match="exact-merge record is not part of a state dict"):
+        assert sorted(net.state_dict()) == keys  # same keys: nothing about the merge is saved
+
+
+def test_gpt2_conv1d_merge_and_unload_save_pretrained(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+    lk.inject_lora(model, ["c_attn", "c_proj"], 4, 8, backend="torch")
+    lk.add_adapter(model, "b", ["c_attn"], 2, 2)
+    _randomize(model)
+    lk.set_adapter(model, ["default", "b"])
+    ids = torch.randint(0, 50, (2, 9))
+    want = _logits(model, ids)
+    lk.merge_and_unload(model)
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D and type(model.transformer.h[1].mlp.c_proj) is Conv1D
+    assert_close_rel(_logits(model, ids), want, TOL[torch.float32], "unloaded GPT-2")
+    model.save_pretrained(tmp_path)
+    back, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    assert_close_rel(_logits(back.eval(), ids), want, TOL[torch.float32], "reloaded GPT-2")
