@@ -98,6 +98,14 @@ class LoRAEmbedding(nn.Module):
         self.tied_to: Tuple[str, ...] = ()  # other names of self.weight in the model (set by inject_lora)
         self.reset_lora_parameters()
 
+    @property
+    def in_features(self) -> int:  # PEFT's names for an embedding's V and D
+        return self.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding_dim
+
     # The LoRALinear names, so code written for LoRALinear (lora_state_dict's "lora_" filter, peft_io) reads both.
     @property
     def lora_A(self) -> nn.Parameter:

@@ -34,6 +34,8 @@ BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# PEFT's embedding LoRA (nn.Parameter, no ".weight"): lora_embedding_A [r, V], lora_embedding_B [D, r]
+_EMB_KEY = re.compile(r"^(?P<path>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?$")
 
 
 def _safetensors():
@@ -72,8 +74,6 @@ def _check_supported(config: dict, where: str) -> None:
     unsupported = []
     if config.get("use_dora"):
         unsupported.append("use_dora=True (DoRA magnitude vectors)")
-    if config.get("fan_in_fan_out"):
-        unsupported.append("fan_in_fan_out=True (Conv1D-layout weights)")
     if config.get("lora_bias"):
         unsupported.append("lora_bias=True")
     if unsupported:
@@ -102,7 +102,11 @@ def _read(path: str):
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _LORA_KEY.match(k)
         if m is None:
-            other[k] = t
+            e = _EMB_KEY.match(k)  # embedding LoRA: the same (A [r, K=V], B [N=D, r]) roles
+            if e is None:
+                other[k] = t
+                continue
+            pairs.setdefault(e.group("path"), {})["lora_" + e.group("which")] = t
             continue
         pairs.setdefault(m.group("path"), {})[m.group("which")] = t
     return config, pairs, other
@@ -115,8 +119,10 @@ def read_peft_adapter(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, to
     ``adapter_config.json``; ``module_path`` is the module's name in the base model (PEFT's
     ``base_model.model.`` prefix removed; a ``target_parameters`` adapter of MoE expert weights is keyed
     ``"<module path>.<parameter>"`` with A [E, r, in] and B [E, out, r]); tensors stay on the CPU in their saved dtype; ``scale`` follows
-    ``lora_alpha``, ``r``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``. Raises on DoRA,
-    ``fan_in_fan_out``, ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
+    ``lora_alpha``, ``r``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``. An embedding module
+    (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) reads as (A [r, V], B [D, r], scale); ``fan_in_fan_out``
+    (GPT-2 Conv1D bases) leaves A [r, K] / B [N, r] as they are. Raises on DoRA,
+    ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
     """
     config, out, _ = _parse(path)
     return config, out
@@ -132,7 +138,7 @@ def _parse(path: str):
         pairs, params = split_param_pairs(config, pairs, peft_scale)
     emb = [k for k in other if "lora_embedding" in k or "lora_magnitude" in k]
     if emb:
-        raise ValueError(f"read_peft_adapter({path!r}): unsupported tensors (embedding LoRA / DoRA): {emb[:3]}")
+        raise ValueError(f"read_peft_adapter({path!r}): unsupported tensors (DoRA magnitudes): {emb[:3]}")
     out = {}
     for mpath, ab in sorted(pairs.items()):
         if set(ab) != {"lora_A", "lora_B"}:
@@ -154,7 +160,10 @@ def _parse(path: str):
 
 
 def _lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """LoRALinear and LoRAEmbedding modules by path (a LoRAEmbedding exposes its A / B as lora_A / lora_B too)."""
+    from .embedding import LoRAEmbedding
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
 
 
 def _most_common(values):
@@ -210,7 +219,7 @@ def save_peft_adapter(
         "lora_dropout": dropout,
         "target_modules": target_modules,
         "use_rslora": rslora.pop(),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in mods.values()),  # GPT-2 Conv1D
         "bias": "lora_only" if save_biases else "none",
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -222,8 +231,10 @@ def save_peft_adapter(
     }
     tensors = {f"{PREFIX}{k}": v for k, v in moe_tensors.items()}
     for p, m in mods.items():
-        tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if hasattr(m, "lora_embedding_A") else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{p}.{a_key}"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{p}.{b_key}"] = m.lora_B.detach().contiguous().cpu()
         if save_biases and m.bias is not None:
             tensors[f"{PREFIX}{p}.base_layer.bias"] = m.bias.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)

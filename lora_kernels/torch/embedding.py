@@ -7,7 +7,7 @@ W [V, D], A [r, V], B [D, r], ids [M], acc = fp64 for fp64 inputs, else fp32::
                                                    no one-hot, no GEMM against the vocabulary)
               y  = W[ids] + s·xa·Bᵀ                the gathered base rows upcast to acc, one addmm, rounded once
     backward  dxa = s·dy·B                          acc [M, r]; rows of padding tokens zeroed
-              dA  = scatter-add of dxaᵀ over ids   index_add_ into an acc [r, V] buffer (÷ counts with
+              dA  = scatter-add of dxaᵀ over ids   index_add_ along V into an acc [r, V] buffer (÷ counts with
                                                    scale_grad_by_freq)
               dB  = s·dyᵀ·xa                        acc, xa gathered again (r values per token: cheaper than saving it)
 
@@ -60,11 +60,11 @@ def lora_embedding_bwd_torch(dy, ids, lora_a, lora_b, scale, padding_idx, scale_
         dxa.mul_(float(scale))
         if padding_idx >= 0:
             dxa.masked_fill_((ids == padding_idx)[:, None], 0.0)
-        da = torch.zeros((lora_a.shape[1], lora_a.shape[0]), dtype=acc, device=dy.device)  # dAᵀ [V, r]
-        da.index_add_(0, ids, dxa)
+        da = torch.zeros(lora_a.shape, dtype=acc, device=dy.device)  # [r, V]
+        da.index_add_(1, ids, dxa.t())
         if scale_grad_by_freq:
-            da.mul_(_inverse_counts(ids, V, acc)[:, None])
-        da = da.t().to(lora_a.dtype)
+            da.mul_(_inverse_counts(ids, V, acc)[None, :])
+        da = da.to(lora_a.dtype)
     if need_db:
         xa = _gather_a(lora_a, ids, acc)
         db = (dy_acc.t() @ xa).mul_(float(scale)).to(lora_b.dtype)

@@ -256,7 +256,7 @@ def lora_embedding_bwd_triton(dy, ids, lora_a, lora_b, scale, padding_idx, scale
         if scale_grad_by_freq:
             counts = torch.bincount(ids.to(torch.int64), minlength=V).to(torch.float32)
             dat.mul_(torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))[:, None])
-        da = dat.t().to(lora_a.dtype)
+        da = dat.t().contiguous().to(lora_a.dtype)
     if need_db:
         a = _same(lora_a, dy.dtype)
         db32 = torch.zeros((D, R), dtype=torch.float32, device=dy.device)
