@@ -179,11 +179,14 @@ def add_lora(
     *,
     backend: Optional[str] = None,
     meta=None,
+    magnitudes: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Batched multi-adapter LoRA, in place on y; returns y.
+    """Batched multi-adapter LoRA (or DoRA), in place on y; returns y.
 
     ``y[t, slice s] += scales[i]·(x[t]·A_s[i][:rank_i]ᵀ)·B_s[i][:, :rank_i]ᵀ`` for ``i = adapter_ids[t]``;
-    rows whose id is -1 are untouched.
+    rows whose id is -1 are untouched. With ``magnitudes`` (DoRA): ``y[t] = g[i]⊙(y[t] − bias + lora[t]) + bias``
+    with ``g = magnitudes[i]``, y holding the base output (bias included) on entry.
 
     Args:
         y: [M, N_total] output, updated in place (same dtype as x).
@@ -197,14 +200,23 @@ def add_lora(
         backend: "cuda" | "triton" | "torch" | None (auto).
         meta: optional :class:`lora_kernels.serving.LoRABatchMeta` built from these adapter_ids (once per batch,
             shared by every layer); only accelerates the grouped (SGMV) path, never changes the result.
+        magnitudes: DoRA factors, [L, N_total] fp32: ``g[i] = m_i / ‖W0 + s_i·B_i·A_i‖_row`` precomputed per adapter
+            (``AdapterSlots.load(..., magnitude=, base_weight=)`` does it; a plain adapter's row is all ones). The
+            cuda backend has no DoRA kernel (auto takes triton or torch).
+        bias: [N_total], the base layer's bias already in y (only with magnitudes; None = no bias).
     """
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)
-    check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices, meta=meta)
-    be = resolve_backend("add_lora", y, x, *lora_a, *lora_b, backend=backend)
-    if meta is None:
-        _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
-    else:
-        _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be, *meta.groups)
+    check_add_lora(y, x, lora_a, lora_b, adapter_ids, scales, ranks, slices, meta=meta, magnitudes=magnitudes, bias=bias)
+    if magnitudes is None:
+        be = resolve_backend("add_lora", y, x, *lora_a, *lora_b, backend=backend)
+        if meta is None:
+            _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be)
+        else:
+            _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be, *meta.groups)
+        return y
+    be = resolve_backend("add_lora_dora", y, x, *lora_a, *lora_b, magnitudes, bias, backend=backend)
+    groups = meta.groups if meta is not None else (None, None, 0)
+    _ops.add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, be, *groups, magnitudes=magnitudes, bias=bias)
     return y
 
 

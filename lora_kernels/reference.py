@@ -212,8 +212,10 @@ def add_lora_ref(
     adapter_ids: torch.Tensor,
     scales: torch.Tensor,
     ranks: Optional[torch.Tensor] = None,
+    magnitudes: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """In-place multi-adapter LoRA over packed output slices.
+    """In-place multi-adapter LoRA over packed output slices (plain LoRA, or DoRA with ``magnitudes``).
 
     Shapes: x [M, K]; y [M, N_total]; for each slice s: lora_a[s] [L, r_max, K],
     lora_b[s] [L, N_s, r_max], with Σ N_s == N_total and slice s occupying columns
@@ -229,12 +231,24 @@ def add_lora_ref(
                 xa = x[t] @ lora_a[s][i, :r].T       # [r], fp32
                 y[t, off_s:off_s+N_s] += scales[i] * xa @ lora_b[s][i, :, :r].T
 
-    The update is accumulated in fp32 together with y's old value and rounded once. Returns y.
+    DoRA serving (``magnitudes`` [L, N_total], the per-adapter factor g = m / ‖W0 + s·B·A‖_row precomputed at
+    load time, one value per output column across all packed slices; ``bias`` [N_total] or None = zeros, the base
+    layer's bias that y already contains)::
+
+        for t with i = adapter_ids[t] >= 0:
+            y[t] = g[i] * (y[t] - bias + lora[t]) + bias        # lora[t]: the update above, all slices; [N_total]
+
+    i.e. PEFT's ``y = g⊙(x·W0ᵀ + s·x·Aᵀ·Bᵀ) + bias`` given the base output. A plain adapter in a DoRA batch has
+    g = 1 (kernels compute ``g·(y + lora) + (1 − g)·bias``, which is ``y + lora`` exactly for g = 1).
+
+    The update is accumulated in fp32 (fp64 for fp64 data) together with y's old value and rounded once. Returns y.
     """
     M = x.shape[0]
     if M == 0:
         return y
     acc = compute_dtype(y.dtype)
+    if magnitudes is not None:
+        acc = torch.float64 if acc == torch.float64 or magnitudes.dtype == torch.float64 else acc
     ids = adapter_ids.to(torch.int64)
     active = ids >= 0
     safe = ids.clamp(min=0)
@@ -251,7 +265,12 @@ def add_lora_ref(
         xa = torch.bmm(a[safe].to(acc), xc[:, :, None])[:, :, 0] * rank_mask  # [M, r_max]
         upd = torch.bmm(b[safe].to(acc), xa[:, :, None])[:, :, 0] * s_tok  # [M, N_s]
         cols = y[:, off : off + n_s]
-        new = torch.where(active[:, None], cols.to(acc) + upd, cols.to(acc))
+        val = cols.to(acc) + upd
+        if magnitudes is not None:
+            g = magnitudes[:, off : off + n_s].to(acc)[safe]  # [M, N_s]
+            b_s = bias[off : off + n_s].to(acc) if bias is not None else torch.zeros(n_s, dtype=acc, device=y.device)
+            val = g * (val - b_s) + b_s
+        new = torch.where(active[:, None], val, cols.to(acc))
         cols.copy_(new.to(y.dtype))
         off += n_s
     return y

@@ -190,6 +190,10 @@ def _multi_lora_jobs(ml, dtype, variant, shape):
     slices = (_t(adt),) * 4 + (_t(adt),) * 4 + (N // 4, N // 4, N // 4, N - 3 * (N // 4))
     kind = variant["kind"]
     exact = dtype == "fp32"
+    # DoRA epilogue (magnitudes [L, N] fp32, bias [N] in y's dtype) or the plain launch's never-read stand-ins
+    dora = variant.get("dora", False)
+    dora_args = (_t("fp32"), _t(dtype), N) if dora else (_t("fp32"), _t("fp32"), 1)
+    dora_kw = dict(DORA=True, HAS_BIAS=variant.get("bias", True)) if dora else {}
     if kind == "bgmv":
         dot_fp32 = exact or adt != dtype
         splits, kps = 8, -(-K // 8)
@@ -200,8 +204,8 @@ def _multi_lora_jobs(ml, dtype, variant, shape):
                 dict(HAS_RANKS=variant["has_ranks"], DOT_FP32=dot_fp32, PRECISION=prec, BLOCK_M=ml.BGMV_BLOCK_M)),
             ("_bgmv_expand_kernel", (
                 _t(dtype), _t("fp32"), _t(ids), _t("fp32"), _t(ranks), *slices, M, L, R, N - 3 * (N // 4), splits, 16,
-                *ys, splits * M * R, M * R),
-                dict(HAS_RANKS=variant["has_ranks"], PRECISION=prec, BLOCK_M=ml.BGMV_BLOCK_M)),
+                *ys, splits * M * R, M * R, *dora_args),
+                dict(HAS_RANKS=variant["has_ranks"], PRECISION=prec, BLOCK_M=ml.BGMV_BLOCK_M, **dora_kw)),
         ]
     bm = variant["block_m"]
     cap, tiles = M, M // bm + L
@@ -214,8 +218,8 @@ def _multi_lora_jobs(ml, dtype, variant, shape):
                  BLOCK_M=bm))]
     return [("_sgmv_expand_kernel", (
         _t(dtype), _t("fp32"), _t("i32"), _t("i32"), _t("fp32"), _t(ranks), *slices, M, L, R,
-        N - 3 * (N // 4), cap, tiles, *ys, cap * R, R),
-        dict(HAS_RANKS=variant["has_ranks"], PRECISION="ieee" if exact else "tf32", BLOCK_M=bm))]
+        N - 3 * (N // 4), cap, tiles, *ys, cap * R, R, *dora_args),
+        dict(HAS_RANKS=variant["has_ranks"], PRECISION="ieee" if exact else "tf32", BLOCK_M=bm, **dora_kw))]
 
 
 def _multi_lora_variants(dtype):
@@ -231,6 +235,10 @@ def _multi_lora_variants(dtype):
     out.append(dict(kind="bgmv", has_ranks=True, ids="i32", ranks="i64"))
     for adt in adts[1:]:
         out.append(dict(kind="bgmv", has_ranks=True, adt=adt))
+    # DoRA epilogue (add_lora(..., magnitudes=, bias=)): with and without bias, both expand kernels
+    for bias in (True, False):
+        out.append(dict(kind="bgmv", has_ranks=True, dora=True, bias=bias))
+        out.append(dict(kind="expand", has_ranks=True, block_m=64, dora=True, bias=bias))
     return out
 
 

@@ -204,19 +204,25 @@ def check_add_lora(
     ranks: Optional[torch.Tensor],
     slices: Optional[Sequence[int]] = None,
     meta=None,
+    magnitudes: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> None:
     """Validate add_lora inputs (see reference.add_lora_ref for the semantics); with ``meta`` (a
-    :class:`LoRABatchMeta`), also that it describes these adapter_ids (in the same single host read).
+    :class:`LoRABatchMeta`), also that it describes these adapter_ids (in the same single host read). DoRA:
+    ``magnitudes`` [L, N_total] fp32 (fp64 on the torch backend) and finite; ``bias`` [N_total] (only with
+    magnitudes).
 
     add_lora is an inference op on every backend: with grad mode on, an input that requires grad is an error
     (it would be differentiable on one backend and silently not on another)."""
     check_float(OP, "y", y)
     check_float(OP, "x", x)
-    for name, t in (("adapter_ids", adapter_ids), ("scales", scales), ("ranks", ranks)):
+    for name, t in (("adapter_ids", adapter_ids), ("scales", scales), ("ranks", ranks), ("magnitudes", magnitudes),
+                    ("bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             fail(OP, f"{name} must be a torch.Tensor, got {type(t).__name__} (e.g. torch.tensor({name}, device=x.device))")
     if torch.is_grad_enabled():
-        for name, t in (("y", y), ("x", x), ("scales", scales), *((f"lora_a[{s}]", a) for s, a in enumerate(lora_a)),
+        for name, t in (("y", y), ("x", x), ("scales", scales), ("magnitudes", magnitudes), ("bias", bias),
+                        *((f"lora_a[{s}]", a) for s, a in enumerate(lora_a)),
                         *((f"lora_b[{s}]", b) for s, b in enumerate(lora_b))):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 fail(OP, f"{name} requires grad, but add_lora is an inference op (not differentiable on any backend); "
@@ -262,7 +268,20 @@ def check_add_lora(
             fail(OP, f"ranks must be int32 or int64, got {ranks.dtype}")
         if ranks.dim() != 1 or ranks.shape[0] != L:
             fail(OP, f"ranks must be [L={L}], got shape {shape_str(ranks)}")
-    tensors = dict(y=y, x=x, adapter_ids=adapter_ids, scales=scales, ranks=ranks)
+    if magnitudes is not None:
+        N = y.shape[1]
+        if magnitudes.dtype not in (torch.float32, torch.float64):
+            fail(OP, f"magnitudes must be float32 [L={L}, N={N}] (the DoRA factors m / ‖W0 + s·B·A‖), got {magnitudes.dtype}")
+        if magnitudes.dim() != 2 or tuple(magnitudes.shape) != (L, N):
+            fail(OP, f"magnitudes must be [L={L}, N={N}] (one DoRA factor per adapter and output column, all packed "
+                     f"slices), got shape {shape_str(magnitudes)}")
+    if bias is not None:
+        if magnitudes is None:
+            fail(OP, "bias is only read with magnitudes (DoRA rescales y - bias); a plain add_lora leaves the bias in y")
+        check_float(OP, "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != y.shape[1]:
+            fail(OP, f"bias must be [N={y.shape[1]}] (the base layer's bias, all packed slices), got shape {shape_str(bias)}")
+    tensors = dict(y=y, x=x, adapter_ids=adapter_ids, scales=scales, ranks=ranks, magnitudes=magnitudes, bias=bias)
     tensors.update({f"lora_a[{s}]": a for s, a in enumerate(lora_a)})
     tensors.update({f"lora_b[{s}]": b for s, b in enumerate(lora_b)})
     check_same_device(OP, **tensors)
@@ -279,6 +298,8 @@ def check_add_lora(
         # One device->host read for all value checks:
         # [all scales finite, meta ids equal, ids min, ids max, ranks min, ranks max].
         stats = [torch.isfinite(scales).all().to(torch.int64)]
+        if magnitudes is not None:
+            stats[0] = stats[0] * 2 + torch.isfinite(magnitudes).all().to(torch.int64)  # 3 = both finite
         stats.append((meta.adapter_ids[:M] == adapter_ids.to(torch.int32)).all().to(torch.int64) if meta is not None
                      else torch.ones((), dtype=torch.int64, device=scales.device))
         if M > 0:
@@ -287,6 +308,10 @@ def check_add_lora(
             stats += [ranks.min().to(torch.int64), ranks.max().to(torch.int64)]
         vals = torch.stack(stats).tolist()
         finite, meta_same, rest = vals[0], vals[1], vals[2:]
+        if magnitudes is not None:
+            if finite % 2 == 0:
+                fail(OP, "magnitudes must be finite (DoRA factors m / ‖W0 + s·B·A‖; a zero row norm gives inf)")
+            finite //= 2
         if M > 0:
             lo, hi, rest = rest[0], rest[1], rest[2:]
             if lo < -1 or hi >= L:
@@ -305,8 +330,11 @@ define([
     # y[t, slice s] += scales[i]·(x[t]·A_s[i, :rank_i]ᵀ)·B_s[i, :, :rank_i]ᵀ for i = adapter_ids[t] >= 0, in place.
     # sorted_token_ids [C] int32 / tiles [3, T] int32 / block_m: an optional LoRABatchMeta of these adapter_ids;
     # an acceleration structure only (the result does not depend on whether it is given).
+    # DoRA (magnitudes [L, N] fp32 given): y[t] = g[i]·(y[t] - bias + lora[t]) + bias instead, g = magnitudes[i],
+    # bias [N] or None (zeros).
     "add_lora_(Tensor(a!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, Tensor adapter_ids, Tensor scales, "
-    "Tensor? ranks, str backend, Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0) -> ()",
+    "Tensor? ranks, str backend, Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0, "
+    "Tensor? magnitudes=None, Tensor? bias=None) -> ()",
     # --- CUDA extension kernels (C++ implementation only, csrc/multi_lora_torch.cpp) ---
     # xa[m, :ranks[i]] = x[m] · lora_a[i, :ranks[i]]ᵀ for i = adapter_ids[m] >= 0; other entries 0. fp32 [M, r_max]
     # (with sorted_token_ids + tiles of a LoRABatchMeta: the grouped launch, adapters taken from the tiles)
@@ -318,19 +346,29 @@ define([
 ])
 
 # Launcher signature: (y, x, lora_a list, lora_b list, adapter_ids, scales, ranks, groups) with groups None or
-# (sorted_token_ids, tiles, block_m).
+# (sorted_token_ids, tiles, block_m); the DoRA launcher ("add_lora_dora", public op of the same name: what
+# resolve_backend is asked when magnitudes are given) takes keyword arguments magnitudes= and bias= on top. The
+# CUDA extension has no DoRA epilogue, so it has no add_lora_dora row: auto picks triton / torch for a DoRA call and
+# backend="cuda" names the reason.
 add_rows({
     ("add_lora", "torch"): "lora_kernels.torch.multi_lora:add_lora_torch",
     ("add_lora", "triton"): "lora_kernels.triton.multi_lora:add_lora_triton",
     ("add_lora", "cuda"): "lora_kernels.cuda.multi_lora:add_lora_cuda",
-}, public={OP: ("add_lora",)})
+    ("add_lora_dora", "torch"): "lora_kernels.torch.multi_lora:add_lora_torch",
+    ("add_lora_dora", "triton"): "lora_kernels.triton.multi_lora:add_lora_triton",
+}, public={OP: ("add_lora",), "add_lora_dora": ("add_lora_dora",)})
 
 
-def _add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend, sorted_token_ids=None, tiles=None, block_m=0):
+def _add_lora_(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend, sorted_token_ids=None, tiles=None, block_m=0,
+               magnitudes=None, bias=None):
     if x.shape[0] == 0:
         return
     groups = None if sorted_token_ids is None else (sorted_token_ids, tiles, block_m)
-    launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks, groups)
+    if magnitudes is None:
+        launcher("add_lora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks, groups)
+    else:
+        launcher("add_lora_dora", backend)(y, x, lora_a, lora_b, adapter_ids, scales, ranks, groups,
+                                           magnitudes=magnitudes, bias=bias)
     mark_written(y)
 
 
@@ -338,7 +376,8 @@ impl_all_devices("add_lora_", _add_lora_)
 
 
 @torch.library.register_fake("lora_kernels::add_lora_", lib=lib)
-def _add_lora_fake(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend, sorted_token_ids=None, tiles=None, block_m=0):
+def _add_lora_fake(y, x, lora_a, lora_b, adapter_ids, scales, ranks, backend, sorted_token_ids=None, tiles=None, block_m=0,
+                   magnitudes=None, bias=None):
     return None
 
 

@@ -18,6 +18,12 @@ Two strategies, picked by :func:`choose_strategy` (override with ``strategy=`` o
   writes ``xa`` into an fp32 [S, capacity, r_max] buffer with ``tl.dot`` tiles over (tile, rank-block, slice);
   launch 2 (expand) adds ``scale · xa · Bᵀ`` tiles over (tile, N-block, slice) into y's gathered rows.
 
+DoRA (``magnitudes`` given; constexpr ``DORA``, so the plain kernels are compiled without it): both expand
+kernels end with ``y = g·(y_old + lora) + (1 − g)·bias`` in fp32 before the one rounding, g read from the
+[L, N] fp32 factor table at the token's adapter row (``HAS_BIAS``: bias [N] read once per N-block); a rank-0
+adapter still rescales its rows. A plain adapter in such a batch has a row of ones, which gives ``y_old + lora``
+bit for bit (g·v = v, (1 − g)·bias = 0): one table read per output element, no per-slot flag to branch on.
+
 Both loop over the rank only up to the adapter's own rank (``ranks[i]`` is read in-kernel; a rank-0 adapter
 does no work), skip ids outside [0, L) without reading anything indexed by them, handle every slice in the
 same launch (up to ``MAX_SLICES`` per launch) and take x / y with arbitrary strides. Launchers never read
@@ -222,13 +228,16 @@ def _bgmv_expand_kernel(
     a0, a1, a2, a3, b0, b1, b2, b3, n0, n1, n2, n3,
     M, L, R_MAX, N_MAX, SPLITS, M_BUCKET,
     stride_ym, stride_yn, stride_ps, stride_pk,
+    g_ptr, bias_ptr, stride_gl,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DORA: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     # Decode expand: program (token tile, n-block, slice) sums the K-split partials of xa (fixed order: the result
     # is deterministic) and adds scales[i]·xa[t, :rank_i]·B_s[i, n-block, :rank_i]ᵀ into y[t, col + n-block], with
     # fp32 accumulation and one rounding, looping over the tile's distinct adapters (each B_s[i] block read once
     # per tile). Reads ids, scales, ranks, part, B_s, y rows with an adapter; writes those y rows.
+    # DORA: y = g[i]·(y_old + update) + (1 - g[i])·bias, g gathered per token row (g [L, N] fp32, bias [N]).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -240,6 +249,7 @@ def _bgmv_expand_kernel(
     ids = tl.load(ids_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
     ids = tl.where(m_ok & (ids >= 0) & (ids < L), ids, L)
     active = ids < L
+    row_ids = ids
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_s
     p_rows = part_ptr + pid_s * stride_ps + offs_m.to(tl.int64)[:, None] * R_MAX
@@ -264,7 +274,16 @@ def _bgmv_expand_kernel(
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (col + offs_n)[None, :] * stride_yn
     mask = active[:, None] & n_ok[None, :]
     y_old = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
+    if DORA:
+        g_rows = tl.where(active, row_ids, 0).to(tl.int64)
+        gv = tl.load(g_ptr + g_rows[:, None] * stride_gl + (col + offs_n)[None, :], mask=mask, other=1.0)
+        val = (y_old.to(tl.float32) + acc) * gv
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + col + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            val += (1.0 - gv) * bv[None, :]
+        tl.store(y_ptrs, val.to(y_old.dtype), mask=mask)
+    else:
+        tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
 
 
 @triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R_MAX", "BLOCK_M"])
@@ -325,12 +344,16 @@ def _sgmv_expand_kernel(
     a0, a1, a2, a3, b0, b1, b2, b3, n0, n1, n2, n3,
     M, L, R_MAX, N_MAX, CAPACITY, NUM_TILES,
     stride_ym, stride_yn, stride_xas, stride_xam,
+    g_ptr, bias_ptr, stride_gl,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DORA: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     # Prefill expand: program (tile, n-block, slice) adds scales[i]·xa[s, tile rows, :rank_i]·B_s[i, n-block, :rank_i]ᵀ
     # (fp32 accumulation, one rounding) into y[tok(p), col + n-block] for the tile's tokens.
     # Reads the tile table, sorted token ids, xa, B_s[i], scales/ranks[i], y rows; writes those y rows.
+    # DORA: y = g[i]·(y_old + update) + (1 - g[i])·bias (g row [N] fp32 of the tile's adapter, bias [N]); a rank-0
+    # adapter's tiles still run (to rescale).
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -341,8 +364,9 @@ def _sgmv_expand_kernel(
     if (i < 0) | (i >= L):
         return
     rank = _adapter_rank(ranks_ptr, i, R_MAX, HAS_RANKS)
-    if rank <= 0:
-        return
+    if not DORA:
+        if rank <= 0:
+            return
     i = i.to(tl.int64)
     scale = tl.load(scales_ptr + i).to(tl.float32)
     start = tl.load(tiles_ptr + NUM_TILES + tile)
@@ -366,7 +390,15 @@ def _sgmv_expand_kernel(
     y_ptrs = y_ptr + tok[:, None] * stride_ym + (col + offs_n)[None, :] * stride_yn
     mask = m_mask[:, None] & n_mask[None, :]
     y_old = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=mask)
+    if DORA:
+        gv = tl.load(g_ptr + i * stride_gl + col + offs_n, mask=n_mask, other=1.0)
+        val = (y_old.to(tl.float32) + scale * acc) * gv[None, :]
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + col + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            val += ((1.0 - gv) * bv)[None, :]
+        tl.store(y_ptrs, val.to(y_old.dtype), mask=mask)
+    else:
+        tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,20 +457,32 @@ def add_lora_triton(
     ranks: Optional[torch.Tensor],
     groups=None,
     strategy: Optional[str] = None,
+    *,
+    magnitudes: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> None:
     """In-place ``add_lora`` on Triton (inputs already validated; see the module docstring).
 
     ``groups``: optional ``(sorted_token_ids, tiles, block_m)`` of a :class:`LoRABatchMeta` built from the same
     adapter_ids (``meta.groups``, reused across layers); a meta is built here when the SGMV path needs one and none
-    is given. ``strategy``: "bgmv" | "sgmv" | None (env var, then :func:`choose_strategy`).
+    is given. ``strategy``: "bgmv" | "sgmv" | None (env var, then :func:`choose_strategy`). ``magnitudes`` [L, N]
+    fp32 / ``bias`` [N]: DoRA (see the module docstring).
     """
     M, K = x.shape
     if M == 0:
         return
     L, r_max = lora_a[0].shape[0], lora_a[0].shape[1]
-    if L == 0 or r_max == 0:
+    dora = magnitudes is not None
+    if L == 0 or (r_max == 0 and not dora):
         return
-    strat = choose_strategy(M, L, r_max, strategy)
+    # rank 0 everywhere (DoRA only rescales): the decode kernels, whose shrink loops are empty
+    strat = choose_strategy(M, L, r_max, strategy) if r_max > 0 else "bgmv"
+    if dora:
+        magnitudes = magnitudes.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+    g_arg = magnitudes if dora else scales  # never read unless DORA
+    b_arg = bias if bias is not None else g_arg  # never read unless HAS_BIAS
+    dora_kw = dict(DORA=True, HAS_BIAS=bias is not None) if dora else {}
     # The kernels index ids, scales and ranks with unit stride ([M] / [L]: a copy costs nothing next to a launch).
     adapter_ids, scales = adapter_ids.contiguous(), scales.contiguous()
     ranks = ranks.contiguous() if ranks is not None else None
@@ -456,7 +500,7 @@ def add_lora_triton(
             y_g = y[:, col:]
             S = len(group)
             args = _slice_args(group)
-            part = _alloc((S, splits, M, r_max), torch.float32, x.device)
+            part = _alloc((S, splits, M, max(r_max, 1)), torch.float32, x.device)
             _bgmv_shrink_kernel[(m_tiles, splits, S)](
                 part, x, adapter_ids, ranks_arg, *args,
                 M, K, L, r_max, k_per_split, m_bucket,
@@ -468,7 +512,8 @@ def add_lora_triton(
                 y_g, part, adapter_ids, scales, ranks_arg, *args,
                 M, L, r_max, n_max, splits, m_bucket,
                 y_g.stride(0), y_g.stride(1), part.stride(0), part.stride(1),
-                HAS_RANKS=has_ranks, PRECISION=expand_prec, BLOCK_M=BGMV_BLOCK_M,
+                g_arg[:, col:] if dora else g_arg, b_arg[col:] if bias is not None else b_arg, g_arg.stride(0),
+                HAS_RANKS=has_ranks, PRECISION=expand_prec, BLOCK_M=BGMV_BLOCK_M, **dora_kw,
             )
         return
 
@@ -496,5 +541,6 @@ def add_lora_triton(
             y_g, xa, sorted_ids, tiles, scales, ranks_arg, *args,
             M, L, r_max, n_max, capacity, num_tiles,
             y_g.stride(0), y_g.stride(1), xa.stride(0), xa.stride(1),
-            HAS_RANKS=has_ranks, PRECISION=expand_prec, BLOCK_M=block_m,
+            g_arg[:, col:] if dora else g_arg, b_arg[col:] if bias is not None else b_arg, g_arg.stride(0),
+            HAS_RANKS=has_ranks, PRECISION=expand_prec, BLOCK_M=block_m, **dora_kw,
         )
