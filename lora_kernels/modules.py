@@ -10,7 +10,7 @@ import math
 import re
 import sys
 import warnings
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -247,6 +247,7 @@ def inject_lora(
     backend: Optional[str] = None,
     merge_on_eval: bool = False,
     lora_dtype: Optional[torch.dtype] = None,
+    modules_to_save: Optional[Iterable[str]] = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (or transformers ``Conv1D``) whose qualified name matches with a :class:`LoRALinear`,
     and every ``nn.Embedding`` with a :class:`lora_kernels.LoRAEmbedding`, in place. A matched convolution raises
@@ -257,9 +258,13 @@ def inject_lora(
 
     ``target_modules`` is a list of names or name suffixes (``["q_proj", "v_proj"]``, PEFT-style) or a
     regex string matched against the full qualified name. Raises if nothing matched. Returns model.
+
+    ``modules_to_save``: PEFT's option, see :func:`set_modules_to_save` (fully trained modules saved with the adapter).
     """
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    if modules_to_save:
+        set_modules_to_save(model, modules_to_save, exclude=target_modules)
     from .moe import inject_moe_lora  # MoE experts (3-D expert parameters, nn.ModuleList experts): lora_kernels/moe.py
 
     moe_hits = inject_moe_lora(model, target_modules, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
@@ -307,6 +312,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
         raise ValueError(f"mark_only_lora_as_trainable: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+    for name in getattr(model, "lora_modules_to_save_paths", ()):  # set_modules_to_save: trained in full
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -316,6 +324,41 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
             if isinstance(m, (LoRALinear, LoRAQuantLinear)) and m.bias is not None:
                 m.bias.requires_grad_(True)
     return model
+
+
+def set_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], *, exclude=None) -> List[str]:
+    """PEFT's ``modules_to_save``: modules trained in full and saved with the adapter (a classification head, a norm).
+
+    A module is selected when its qualified name ends with one of the strings (PEFT's rule, plain ``str.endswith``).
+    Its parameters are made trainable (and stay so under :func:`mark_only_lora_as_trainable`); the list is kept on the
+    model as ``model.lora_modules_to_save`` (the names as given, what PEFT writes in ``adapter_config.json``) and
+    ``model.lora_modules_to_save_paths`` (the matched paths) for :func:`lora_kernels.peft_io.save_peft_adapter`.
+    Unlike PEFT no copy of the original module is kept: the module itself is trained (so ``disable_adapters`` does not
+    bring back its original weights). Raises when a string matches nothing or a matched module is a LoRA target.
+    Returns the matched paths."""
+    names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"modules_to_save: give a list of module names, got {modules_to_save!r}")
+    paths, unmatched = [], []
+    all_mods = [(n, m) for n, m in model.named_modules() if n]
+    for t in names:
+        hit = [n for n, _ in all_mods if n.endswith(t)]
+        if not hit:
+            unmatched.append(t)
+        paths += [n for n in hit if n not in paths]
+    if unmatched:
+        raise ValueError(f"modules_to_save: no module of the model ends with {unmatched}")
+    lora = [n for n in paths if isinstance(model.get_submodule(n), (LoRALinear, LoRAQuantLinear))
+            or (exclude is not None and _matches(n, exclude))]
+    if lora:
+        raise ValueError(f"modules_to_save: {lora[:3]} are (or would become) LoRA layers; a module is either adapted or "
+                         "saved in full")
+    for n in paths:
+        for p in model.get_submodule(n).parameters():
+            p.requires_grad_(True)
+    model.lora_modules_to_save = tuple(dict.fromkeys([*getattr(model, "lora_modules_to_save", ()), *names]))
+    model.lora_modules_to_save_paths = tuple(dict.fromkeys([*getattr(model, "lora_modules_to_save_paths", ()), *paths]))
+    return paths
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -177,6 +177,7 @@ def save_peft_adapter(
     base_model_name_or_path: Optional[str] = None,
     *,
     save_biases: bool = False,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> dict:
     """Save the :class:`LoRALinear` adapters of ``model`` as a PEFT LoRA adapter directory.
 
@@ -186,6 +187,11 @@ def save_peft_adapter(
     ``rank_pattern`` / ``alpha_pattern``; ``target_modules`` the leaf names when they select exactly the
     adapted layers, else the full module paths) and ``adapter_model.safetensors``. With ``save_biases`` the
     adapted layers' biases are stored too (PEFT's ``bias="lora_only"``). Returns the config dict written.
+
+    ``modules_to_save`` (default: the model's, from ``inject_lora(..., modules_to_save=...)``): modules saved in full,
+    in PEFT's layout: every entry of their state dict as ``base_model.model.<module path>.<name>`` (PEFT strips its
+    ``modules_to_save.default.`` wrapper when saving) and the names in the config's ``modules_to_save``; a module is
+    selected when its path ends with a name (PEFT's rule).
     """
     mods = _lora_modules(model)
     from .moe import peft_moe_entries  # MoE expert LoRA (target_parameters / per-expert keys): lora_kernels/moe.py
@@ -209,6 +215,11 @@ def save_peft_adapter(
     target_modules += moe_modules
     dropout = _most_common(m.dropout for m in mods.values()) if mods else 0.0
 
+    mts = list(modules_to_save) if modules_to_save is not None else list(getattr(model, "lora_modules_to_save", ()))
+    mts_paths = [n for n, _ in model.named_modules() if n and any(n.endswith(t) for t in mts)]
+    unmatched = [t for t in mts if not any(n.endswith(t) for n in mts_paths)]
+    if unmatched:
+        raise ValueError(f"save_peft_adapter: modules_to_save {unmatched} match no module of the model")
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -223,7 +234,7 @@ def save_peft_adapter(
         "bias": "lora_only" if save_biases else "none",
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": None,
+        "modules_to_save": mts or None,
         "init_lora_weights": True,
         "use_dora": False,
         "lora_bias": False,
@@ -237,6 +248,9 @@ def save_peft_adapter(
         tensors[f"{PREFIX}{p}.{b_key}"] = m.lora_B.detach().contiguous().cpu()
         if save_biases and m.bias is not None:
             tensors[f"{PREFIX}{p}.base_layer.bias"] = m.bias.detach().contiguous().cpu()
+    for mp in mts_paths:  # PEFT's on-disk layout of modules_to_save: the module's own keys under its path
+        for k, v in model.get_submodule(mp).state_dict().items():
+            tensors[f"{PREFIX}{mp}.{k}"] = v.detach().cpu().clone()
     os.makedirs(path, exist_ok=True)
     _safetensors().save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -295,6 +309,7 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
                 f"(r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}); pass adopt_scale=True to take the file's"
             )
     params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers(remove_duplicate=False)))  # modules_to_save with buffers (running stats)
     for k, t in other.items():
         target = k.replace(".base_layer.", ".")
         if target not in params or tuple(params[target].shape) != tuple(t.shape):
@@ -310,6 +325,13 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     for k, t in other.items():
         params[k.replace(".base_layer.", ".")].copy_(t)
     load_moe()
+    if config.get("modules_to_save"):  # PEFT lists names that may match nothing here (task_type defaults)
+        from .modules import set_modules_to_save
+
+        names = [n for n, _ in model.named_modules() if n]
+        here = [t for t in config["modules_to_save"] if any(n.endswith(t) for n in names)]
+        if here:
+            set_modules_to_save(model, here)
     return model
 
 

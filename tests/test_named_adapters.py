@@ -12,6 +12,7 @@ from conftest import TOL, assert_close_rel
 
 import lora_kernels as lk
 import lora_kernels.named_adapters as na
+import lora_kernels.peft_io  # noqa: F401  (lk.peft_io)
 from lora_kernels import LoRAInputError, LoRALinear
 from lora_kernels.ops.merge import BITS_DTYPE
 from lora_kernels.reference import dropout_keep_mask
@@ -322,3 +323,84 @@ def test_model_level_add_adapter_requires_a_match():
     lk.delete_adapter(ours, "c")
     assert ours.q_proj.adapter_names == ("default", "b")
     assert math.isclose(ours.v_proj.adapter_config("b").scale, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules_to_save (inject_lora / peft_io) in PEFT's on-disk layout, both ways
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Cls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(12, 16)
+        self.norm = nn.BatchNorm1d(16)  # parameters and buffers (running stats)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.q_proj(x))))
+
+
+def _perturb_(mod):
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for name, b in mod.named_buffers():
+            if b.is_floating_point():
+                b.add_(torch.rand_like(b))
+
+
+def test_modules_to_save_ours_to_peft(tmp_path):
+    from safetensors.torch import load_file
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = Cls().eval()
+    ours = lk.inject_lora(copy.deepcopy(base), ["q_proj"], 4, 8, backend="torch", modules_to_save=["head", "norm"])
+    assert ours.lora_modules_to_save == ("head", "norm")
+    lk.mark_only_lora_as_trainable(ours)
+    assert all(p.requires_grad for p in ours.head.parameters()) and not ours.q_proj.weight.requires_grad
+    with torch.no_grad():
+        ours.q_proj.lora_B.normal_(0, 0.3)
+    _perturb_(ours.head)
+    _perturb_(ours.norm)
+    cfg = lk.peft_io.save_peft_adapter(ours, str(tmp_path))
+    assert cfg["modules_to_save"] == ["head", "norm"]
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert {"base_model.model.head.weight", "base_model.model.head.bias", "base_model.model.norm.weight",
+            "base_model.model.norm.running_mean", "base_model.model.norm.running_var"} <= keys
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert type(pm.base_model.model.head).__name__ == "ModulesToSaveWrapper"
+    x = torch.randn(6, 12)
+    assert_close_rel(pm(x), ours(x), TOL[torch.float32], "PEFT loads our modules_to_save")
+
+
+def test_modules_to_save_peft_to_ours(tmp_path):
+    torch.manual_seed(1)
+    base = Cls().eval()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                        modules_to_save=["head", "norm"]))
+    with torch.no_grad():
+        pm.base_model.model.q_proj.lora_B["default"].weight.normal_(0, 0.3)
+    _perturb_(pm.base_model.model.head.modules_to_save["default"])
+    _perturb_(pm.base_model.model.norm.modules_to_save["default"])
+    pm.eval()
+    pm.save_pretrained(str(tmp_path))
+    ours = lk.inject_lora(copy.deepcopy(base), ["q_proj"], 4, 8, backend="torch").eval()
+    lk.peft_io.load_peft_adapter_(ours, str(tmp_path))
+    assert ours.lora_modules_to_save == ("head", "norm")
+    x = torch.randn(6, 12)
+    assert_close_rel(ours(x), pm(x), TOL[torch.float32], "our load of PEFT's modules_to_save")
+    # and back: our save of what we loaded equals PEFT's file key for key
+    from safetensors.torch import load_file
+
+    lk.peft_io.save_peft_adapter(ours, str(tmp_path / "again"))
+    a, b = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_modules_to_save_errors():
+    with pytest.raises(ValueError, match="no module of the model ends with"):
+        lk.inject_lora(Cls(), ["q_proj"], 2, 2, modules_to_save=["nope"])
+    with pytest.raises(ValueError, match="LoRA layers"):
+        lk.inject_lora(Cls(), ["q_proj"], 2, 2, modules_to_save=["q_proj"])
