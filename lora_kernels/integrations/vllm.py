@@ -31,6 +31,12 @@ MoE methods                vLLM's platform wrapper, unchanged (logged once)     
 (``add_lora_linear`` / ``add_lora_logits`` fall back to ``lora_shrink`` + ``lora_expand_`` when x and y differ
 in dtype, e.g. an fp32 lm_head; ``add_inputs=False`` zeroes the rows that have an adapter before adding.)
 
+Embedding and lm_head LoRA: vLLM calls ``add_lora_embedding`` with the A rows it has already gathered itself
+(``F.embedding`` over its ``lora_a_stacked_2d`` with per-token offsets), never with the token ids, so only the
+expand is left to do and it stays ``lora_expand_``. The fused gather + expand, ``lora_kernels.add_lora_embedding``
+(token ids, stacked A [L, r, V], B [L, D, r], ids -1 = none), is for stacks that pass token ids. ``add_lora_logits``
+is a plain linear LoRA on the sampled hidden rows (A [L, r, hidden], B [L, vocab, r]), i.e. ``add_lora``.
+
 MoE: vLLM's CPU build implements none of the four MoE methods (``PunicaWrapperCPU`` inherits
 ``NotImplementedError``) and no CPU experts class supports LoRA, so no MoE model with LoRA runs there and a mapping
 could not be tested end to end: they stay vLLM's. The same per-pair update over ``[L, E, r, K]`` slots is
