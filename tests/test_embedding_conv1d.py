@@ -555,3 +555,17 @@ def test_tied_lm_head_warns_and_merge_refuses():
         model.model.embed_tokens.merge(allow_tied=True)
     model.model.embed_tokens.unmerge()
     assert torch.equal(model.model.embed_tokens.weight, w0)
+
+
+def test_tied_lm_head_adapter_from_peft_loads(tmp_path):
+    """PEFT saves a targeted lm_head's base weight (``lm_head.base_layer.weight``); with tied embeddings our model
+    names that parameter ``lm_head.weight`` only as a duplicate, which the loader must still find."""
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_llama(tied=True), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+        _randomise_peft_adapters(pm, seed=5)
+        ours, _ = _ours_from_peft(lambda: _llama(tied=True), ["lm_head", "q_proj"], pm, 4, 8, tmp_path)
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(6))
+    assert_close_rel(ours(ids).logits, pm(ids).logits, TOL[torch.float32], "tied lm_head logits")
