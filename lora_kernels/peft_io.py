@@ -308,17 +308,6 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
                 f"use_rslora={bool(config.get('use_rslora'))}) differs from the module's {m.scale:g} "
                 f"(r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}); pass adopt_scale=True to take the file's"
             )
-    for p in adapters:  # DoRA: the file's magnitudes go to LoRALinear(use_dora=True).lora_magnitude
-        is_dora = bool(getattr(mods[p], "use_dora", False))
-        if (p in mags) != is_dora:
-            raise ValueError(
-                f"{where}: module {p!r}: the adapter is {'DoRA' if p in mags else 'plain LoRA'} (use_dora="
-                f"{bool(config.get('use_dora'))}) but the module is {'DoRA' if is_dora else 'plain LoRA'}; build the "
-                f"model with inject_lora(..., use_dora={p in mags})"
-            )
-        if p in mags and tuple(mags[p].shape) != tuple(mods[p].lora_magnitude.shape):
-            raise ValueError(f"{where}: module {p!r}: lora_magnitude_vector {tuple(mags[p].shape)} vs the module's "
-                             f"lora_magnitude {tuple(mods[p].lora_magnitude.shape)}")
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its own name
     params.update(dict(model.named_buffers(remove_duplicate=False)))  # modules_to_save with buffers (running stats)
     for k, t in other.items():
