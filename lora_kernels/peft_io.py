@@ -340,20 +340,21 @@ def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optiona
 
     ``source`` is a PEFT adapter directory or the ``(config, adapters)`` pair returned by
     :func:`read_peft_adapter` (read once, load many layers). ``module_path`` is the layer's path in the base
-    model (e.g. ``"model.layers.0.self_attn.q_proj"``), or one path per output slice for q/k/v-packed slots
-    (the slices must share one scale). Returns the slot.
+    model (e.g. ``"model.layers.0.self_attn.q_proj"``), or one path per output slice for q/k/v-packed slots.
+    A slice whose module the adapter does not have is left out (zero weights: PEFT's Llama default targets q and v
+    only), and slices may differ in rank and scale (``AdapterSlots._fill_slices``); at least one must be present.
+    Returns the slot.
     """
     _, adapters = read_peft_adapter(source) if isinstance(source, (str, os.PathLike)) else source
     paths = [module_path] if isinstance(module_path, str) else list(module_path)
-    missing = [p for p in paths if p not in adapters]
-    if missing:
-        raise KeyError(f"load_peft_into_slots: the adapter has no module {missing[0]!r} (it has e.g. {sorted(adapters)[:3]})")
-    scales = {adapters[p][2] for p in paths}
-    if len(scales) > 1:
-        raise ValueError(f"load_peft_into_slots: packed slices {paths} have different scales {sorted(scales)}")
-    As = [adapters[p][0] for p in paths]
-    Bs = [adapters[p][1] for p in paths]
-    return slots.load(slot, As if len(As) > 1 else As[0], Bs if len(Bs) > 1 else Bs[0], scales.pop(), name=name)
+    if not any(p in adapters for p in paths):
+        raise KeyError(f"load_peft_into_slots: the adapter has no module {paths[0]!r}"
+                       f"{' (nor the other slices)' if len(paths) > 1 else ''} (it has e.g. {sorted(adapters)[:3]})")
+    As = [adapters[p][0] if p in adapters else None for p in paths]  # None: a slice the adapter leaves out
+    Bs = [adapters[p][1] if p in adapters else None for p in paths]
+    scales = [adapters[p][2] if p in adapters else None for p in paths]
+    return slots.load(slot, As if len(As) > 1 else As[0], Bs if len(Bs) > 1 else Bs[0],
+                      scales if len(set(scales)) > 1 else scales[0], name=name)
 
 
 __all__ = ["read_peft_adapter", "save_peft_adapter", "load_peft_adapter_", "load_peft_into_slots", "peft_scale"]

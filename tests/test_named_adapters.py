@@ -404,3 +404,130 @@ def test_modules_to_save_errors():
         lk.inject_lora(Cls(), ["q_proj"], 2, 2, modules_to_save=["nope"])
     with pytest.raises(ValueError, match="LoRA layers"):
         lk.inject_lora(Cls(), ["q_proj"], 2, 2, modules_to_save=["q_proj"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AdapterSlots: adapters leaving packed slices out, per-slice ranks and scales; per token vs PEFT, mixed batch
+# ----------------------------------------------------------------------------------------------------------------
+
+QKV_K, QKV_N = 20, [16, 8, 8]
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(QKV_K, QKV_N[0], bias=False)
+        self.k_proj = nn.Linear(QKV_K, QKV_N[1], bias=False)
+        self.v_proj = nn.Linear(QKV_K, QKV_N[2], bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+
+
+_QKV_CONFIGS = {  # name -> LoraConfig kwargs: slices left out, per-slice ranks and scales
+    "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),  # PEFT's Llama default: no k
+    "mixed": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], rank_pattern={"k_proj": 2},
+                  alpha_pattern={"v_proj": 3, "k_proj": 16}),  # scales q 2, k 8, v 0.75; ranks 4, 2, 4
+    "k_only": dict(r=3, lora_alpha=3, target_modules=["k_proj"], use_rslora=True),
+}
+
+
+def _qkv_adapters(tmp_path):
+    torch.manual_seed(5)
+    base = Attn()
+    dirs = {}
+    for i, (name, kw) in enumerate(_QKV_CONFIGS.items()):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kw))  # B nonzero
+        dirs[name] = str(tmp_path / name)
+        pm.save_pretrained(dirs[name])
+    return base, dirs
+
+
+def _peft_outputs(base, dirs, x):
+    from peft import PeftModel
+
+    out = {None: base(x)}
+    for name, d in dirs.items():
+        out[name] = PeftModel.from_pretrained(copy.deepcopy(base), d)(x)
+    return out
+
+
+def test_slots_partial_slices_per_slice_scales_vs_peft(tmp_path):
+    from lora_kernels.peft_io import load_peft_into_slots, read_peft_adapter
+    from lora_kernels.serving import AdapterSlots
+
+    base, dirs = _qkv_adapters(tmp_path)
+    paths = ["q_proj", "k_proj", "v_proj"]
+    slots = AdapterSlots(4, 8, QKV_K, QKV_N, dtype=torch.float32)
+    for slot, (name, d) in enumerate(dirs.items()):
+        load_peft_into_slots(slots, d, paths, slot, name=name)
+    assert slots.ranks.tolist() == [4, 4, 3, 0]
+    assert float(slots.scales[0]) == 2.0 and float(slots.scales[1]) == 2.0  # "mixed": s_ref = the q scale
+    assert not slots.lora_a[1][0].any() and not slots.lora_b[1][0].any()  # "qv" has no k: zeros
+    _, ad = read_peft_adapter(dirs["mixed"])
+    assert torch.equal(slots.lora_b[0][1, :, :4], ad["q_proj"][1])  # equal-scale slice copied unchanged
+    assert torch.equal(slots.lora_b[1][1, :, :2], ad["k_proj"][1] * 4.0)  # k: B·(8 / 2), exact (power of two)
+    assert not slots.lora_a[1][1, 2:].any()  # k's rank 2 padded to 4 with zeros
+    torch.manual_seed(0)
+    M = 23
+    x = torch.randn(M, QKV_K)
+    names = [None, "qv", "mixed", "k_only"]
+    pick = torch.randint(0, 4, (M,))
+    ids = slots.ids_for([names[int(i)] for i in pick])
+    with torch.no_grad():
+        want = _peft_outputs(base, dirs, x)
+        y = base(x)
+    slots.apply(y, x, ids, backend="torch")
+    expect = torch.stack([want[names[int(i)]][t] for t, i in enumerate(pick)])
+    assert_close_rel(y, expect, TOL[torch.float32], "mixed batch vs PEFT per token")
+    for t, i in enumerate(pick):  # every token, not just the batch norm
+        assert_close_rel(y[t], want[names[int(i)]][t], 1e-5, f"token {t} ({names[int(i)]})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slots_per_slice_scale_fold_error_16bit(tmp_path, dtype):
+    """The per-slice scale is folded into B (rounded once to 16 bit). Its error vs float64 is measured against the
+    alternative a per-slice-scale kernel would have (B rounded to 16 bit, scale applied in fp32): same size."""
+    from lora_kernels.peft_io import load_peft_into_slots, read_peft_adapter
+    from lora_kernels.reference import add_lora_ref
+    from lora_kernels.serving import AdapterSlots
+
+    _, dirs = _qkv_adapters(tmp_path)
+    _, ad = read_peft_adapter(dirs["mixed"])
+    slots = AdapterSlots(2, 8, QKV_K, QKV_N, dtype=dtype)
+    load_peft_into_slots(slots, dirs["mixed"], ["q_proj", "k_proj", "v_proj"], 0)
+    torch.manual_seed(1)
+    x = torch.randn(64, QKV_K).to(dtype)
+    ids = torch.zeros(64, dtype=torch.int32)
+    y = torch.zeros(64, sum(QKV_N), dtype=dtype)
+    slots.apply(y, x, ids, backend="torch")
+    exact = torch.cat([ad[p][2] * (x.double() @ ad[p][0].double().t()) @ ad[p][1].double().t()
+                       for p in ("q_proj", "k_proj", "v_proj")], 1)
+    alt = torch.cat([ad[p][2] * (x.double() @ ad[p][0].to(dtype).double().t()) @ ad[p][1].to(dtype).double().t()
+                     for p in ("q_proj", "k_proj", "v_proj")], 1)
+    err, err_alt = [float((t.double() - exact).norm() / exact.norm()) for t in (y, alt)]
+    assert err <= TOL[dtype]
+    # output rounding included in err only; the v slice (scale ratio 0.375, not a power of two) is the folded one
+    v = slice(sum(QKV_N[:2]), None)
+    ev = float((y[:, v].double() - exact[:, v]).norm() / exact[:, v].norm())
+    ev_alt = float((alt[:, v] - exact[:, v]).norm() / exact[:, v].norm())
+    print(f"{dtype}: folded slots rel err {err:.2e} (v slice {ev:.2e}); per-slice-scale alternative without output "
+          f"rounding {err_alt:.2e} (v slice {ev_alt:.2e})")
+    assert ev <= 4 * ev_alt + 2 * torch.finfo(dtype).eps
+
+
+def test_slots_slice_errors():
+    from lora_kernels.serving import AdapterSlots
+
+    slots = AdapterSlots(2, 4, QKV_K, QKV_N, dtype=torch.float32)
+    A, B = torch.randn(2, QKV_K), torch.randn(16, 2)
+    with pytest.raises(LoRAInputError, match="None for both"):
+        slots.load(0, [A, None, None], [B, torch.randn(8, 2), None], scale=1.0)
+    with pytest.raises(LoRAInputError, match="every slice is None"):
+        slots.load(0, [None] * 3, [None] * 3, scale=1.0)
+    with pytest.raises(LoRAInputError, match=r"scale\[0\] must be a finite"):
+        slots.load(0, [A, None, None], [B, None, None], scale=[float("nan"), None, None])
+    with pytest.raises(LoRAInputError, match="one per slice"):
+        slots.load(0, [A, None, None], [B, None, None], scale=[1.0, 2.0])
+    assert slots.ranks.tolist() == [0, 0]
