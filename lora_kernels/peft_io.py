@@ -67,13 +67,28 @@ def peft_scale(config: dict, path: str) -> Tuple[int, float, float]:
     return r, alpha, scale
 
 
+# DoRA's magnitude: PEFT saves "<path>.lora_magnitude_vector" (the module's "...lora_magnitude_vector.<adapter>.weight"
+# with ".weight" and the adapter name dropped); either form is read.
+_MAG_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?$")
+
+
+def _pop_magnitudes(other: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Move the DoRA magnitude vectors out of ``other``: ``{module path: m [N]}``."""
+    mags = {}
+    for k in list(other):
+        m = _MAG_KEY.match(k[: -len(".weight")] if k.endswith(".weight") else k)
+        if m is not None:
+            mags[m.group("path")] = other.pop(k)
+    return mags
+
+
 def _check_supported(config: dict, where: str) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA")
     unsupported = []
-    if config.get("use_dora"):
-        unsupported.append("use_dora=True (DoRA magnitude vectors)")
+    if config.get("use_dora") and config.get("target_parameters"):
+        unsupported.append("use_dora=True with target_parameters (PEFT has no DoRA for those either)")
     if config.get("lora_bias"):
         unsupported.append("lora_bias=True")
     if unsupported:
@@ -123,6 +138,9 @@ def read_peft_adapter(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, to
     (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) reads as (A [r, V], B [D, r], scale); ``fan_in_fan_out``
     (GPT-2 Conv1D bases) leaves A [r, K] / B [N, r] as they are. Raises on DoRA,
     ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
+
+    DoRA adapters (``use_dora: true``): each module reads as ``(A, B, scale, m)``, m being its
+    ``lora_magnitude_vector`` [N] (a DoRA entry is the only 4-tuple).
     """
     config, out, _ = _parse(path)
     return config, out
@@ -136,6 +154,14 @@ def _parse(path: str):
         from .moe import split_param_pairs
 
         pairs, params = split_param_pairs(config, pairs, peft_scale)
+    mags = _pop_magnitudes(other)  # DoRA: {module path: lora_magnitude_vector [N]}
+    dora = bool(config.get("use_dora"))
+    if mags and not dora:
+        raise ValueError(f"read_peft_adapter({path!r}): the file has DoRA magnitudes ({sorted(mags)[:3]}) but the config "
+                         "has no use_dora=true")
+    stray = sorted(set(mags) - set(pairs))
+    if stray:
+        raise ValueError(f"read_peft_adapter({path!r}): DoRA magnitudes for modules without lora_A/lora_B: {stray[:3]}")
     emb = [k for k in other if "lora_embedding" in k or "lora_magnitude" in k]
     if emb:
         raise ValueError(f"read_peft_adapter({path!r}): unsupported tensors (DoRA magnitudes): {emb[:3]}")
@@ -154,6 +180,13 @@ def _parse(path: str):
             raise ValueError(
                 f"read_peft_adapter({path!r}): module {mpath!r} has rank {a.shape[0]} but the config says r={r}"
             )
+        if dora:
+            m = mags.get(mpath)
+            if m is None or m.dim() != 1 or m.shape[0] != b.shape[0]:
+                raise ValueError(f"read_peft_adapter({path!r}): DoRA module {mpath!r} needs lora_magnitude_vector "
+                                 f"[{b.shape[0]}], got {None if m is None else tuple(m.shape)}")
+            out[mpath] = (a, b, scale, m)
+            continue
         out[mpath] = (a, b, scale)
     out.update(params)  # "<experts path>.<parameter>": (A [E, r, in], B [E, out, r], scale)
     return config, out, other
@@ -204,6 +237,11 @@ def save_peft_adapter(
     rslora = {c[2] for c in cfgs.values()}
     if len(rslora) > 1:
         raise ValueError("save_peft_adapter: PEFT has one use_rslora flag per adapter; the model mixes both")
+    dora = {bool(getattr(m, "use_dora", False)) for m in mods.values()}  # DoRA: lora_magnitude_vector per module
+    if len(dora) > 1:
+        raise ValueError("save_peft_adapter: PEFT has one use_dora flag per adapter; the model mixes DoRA and plain "
+                         "LoRA modules (save them as two adapters)")
+    use_dora = dora.pop() if dora else False
     r0 = _most_common(c[0] for c in cfgs.values())
     a0 = _most_common(c[1] for c in cfgs.values())
     rank_pattern = {p: c[0] for p, c in cfgs.items() if c[0] != r0}
@@ -236,7 +274,7 @@ def save_peft_adapter(
         "alpha_pattern": alpha_pattern,
         "modules_to_save": mts or None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": use_dora,
         "lora_bias": False,
         "target_parameters": moe_params or None,
     }
@@ -248,6 +286,8 @@ def save_peft_adapter(
         tensors[f"{PREFIX}{p}.{b_key}"] = m.lora_B.detach().contiguous().cpu()
         if save_biases and m.bias is not None:
             tensors[f"{PREFIX}{p}.base_layer.bias"] = m.bias.detach().contiguous().cpu()
+        if use_dora:  # PEFT's on-disk key (its module's "...lora_magnitude_vector.<adapter>.weight")
+            tensors[f"{PREFIX}{p}.lora_magnitude_vector"] = m.lora_magnitude.detach().contiguous().cpu()
     for mp in mts_paths:  # PEFT's on-disk layout of modules_to_save: the module's own keys under its path
         for k, v in model.get_submodule(mp).state_dict().items():
             tensors[f"{PREFIX}{mp}.{k}"] = v.detach().cpu().clone()
@@ -271,6 +311,8 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     Returns ``model``.
     """
     config, adapters, other = _parse(path)
+    mags = {p: v[3] for p, v in adapters.items() if len(v) > 3}  # DoRA: lora_magnitude_vector per module
+    adapters = {p: tuple(v[:3]) for p, v in adapters.items()}
     mods = _lora_modules(model)
     where = f"load_peft_adapter_({path!r})"
     from .moe import plan_peft_moe_load  # MoE expert LoRA: lora_kernels/moe.py
@@ -308,6 +350,17 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
                 f"use_rslora={bool(config.get('use_rslora'))}) differs from the module's {m.scale:g} "
                 f"(r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}); pass adopt_scale=True to take the file's"
             )
+    for p in adapters:  # DoRA: the file's magnitudes go to LoRALinear(use_dora=True).lora_magnitude
+        is_dora = bool(getattr(mods[p], "use_dora", False))
+        if (p in mags) != is_dora:
+            raise ValueError(
+                f"{where}: module {p!r}: the adapter is {'DoRA' if p in mags else 'plain LoRA'} (use_dora="
+                f"{bool(config.get('use_dora'))}) but the module is {'DoRA' if is_dora else 'plain LoRA'}; build the "
+                f"model with inject_lora(..., use_dora={p in mags})"
+            )
+        if p in mags and tuple(mags[p].shape) != tuple(mods[p].lora_magnitude.shape):
+            raise ValueError(f"{where}: module {p!r}: lora_magnitude_vector {tuple(mags[p].shape)} vs the module's "
+                             f"lora_magnitude {tuple(mods[p].lora_magnitude.shape)}")
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its own name
     params.update(dict(model.named_buffers(remove_duplicate=False)))  # modules_to_save with buffers (running stats)
     for k, t in other.items():
@@ -319,6 +372,8 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
         m = mods[p]
         m.lora_A.copy_(a)
         m.lora_B.copy_(b)
+        if p in mags:
+            m.lora_magnitude.copy_(mags[p])
         if adopt_scale:
             _, alpha, _ = peft_scale(config, p)
             m.alpha, m.use_rslora, m.scale = alpha, bool(config.get("use_rslora", False)), scale
@@ -335,7 +390,7 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     return model
 
 
-def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optional[str] = None) -> int:
+def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optional[str] = None, base_weight=None) -> int:
     """Copy one layer of a PEFT adapter into a :class:`lora_kernels.serving.AdapterSlots` slot.
 
     ``source`` is a PEFT adapter directory or the ``(config, adapters)`` pair returned by
@@ -344,6 +399,10 @@ def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optiona
     A slice whose module the adapter does not have is left out (zero weights: PEFT's Llama default targets q and v
     only), and slices may differ in rank and scale (``AdapterSlots._fill_slices``); at least one must be present.
     Returns the slot.
+
+    DoRA adapters (``use_dora``) need ``base_weight``: the layer's frozen W0 ([N, K], one per slice or the packed
+    [ΣN_s, K]), from which the slot's factors m / ‖W0 + s·B·A‖ are computed at load time (a slice the adapter
+    leaves out keeps g = 1); it is ignored for plain LoRA adapters (so one call site can load both).
     """
     _, adapters = read_peft_adapter(source) if isinstance(source, (str, os.PathLike)) else source
     paths = [module_path] if isinstance(module_path, str) else list(module_path)
@@ -353,8 +412,16 @@ def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optiona
     As = [adapters[p][0] if p in adapters else None for p in paths]  # None: a slice the adapter leaves out
     Bs = [adapters[p][1] if p in adapters else None for p in paths]
     scales = [adapters[p][2] if p in adapters else None for p in paths]
+    dora_kw = {}
+    mags = [adapters[p][3] if p in adapters and len(adapters[p]) > 3 else None for p in paths]
+    if any(m is not None for m in mags):  # DoRA: lora_magnitude_vector per slice
+        if base_weight is None:
+            raise ValueError(f"load_peft_into_slots: {paths[0]!r} is a DoRA module (lora_magnitude_vector); pass "
+                             "base_weight= (the layer's W0, [N, K] per slice or packed) to compute m / ‖W0 + s·B·A‖")
+        dora_kw = dict(magnitude=mags if len(mags) > 1 else mags[0], base_weight=base_weight)
     return slots.load(slot, As if len(As) > 1 else As[0], Bs if len(Bs) > 1 else Bs[0],
-                      scales if len(set(scales)) > 1 else scales[0], name=name)
+                      scales if len(set(scales)) > 1 else scales[0], name=name,
+                      **dora_kw)
 
 
 __all__ = ["read_peft_adapter", "save_peft_adapter", "load_peft_adapter_", "load_peft_into_slots", "peft_scale"]

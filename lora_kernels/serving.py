@@ -23,6 +23,10 @@ from .ops.multi_lora import DEFAULT_BLOCK_M, LoRABatchMeta
 __all__ = ["LoRABatchMeta", "AdapterSlots", "DEFAULT_BLOCK_M"]
 
 
+def _shape(t) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class AdapterSlots:
     """Stacked adapter weights of one LoRA layer (optionally q/k/v-packed), with slot bookkeeping.
 
@@ -64,6 +68,10 @@ class AdapterSlots:
         self.scales = torch.zeros((num_slots,), dtype=torch.float32, device=device)
         self.ranks = torch.zeros((num_slots,), dtype=torch.int32, device=device)
         self._names: Dict[str, int] = {}
+        # DoRA: [L, N_total] fp32 factors g = m / ‖W0 + s·B·A‖_row (ones for plain slots), allocated by the first
+        # DoRA load; apply() passes it only while a DoRA adapter is loaded (plain batches keep the plain kernels).
+        self.magnitudes: Optional[torch.Tensor] = None
+        self._dora_slots: set = set()
 
     # -- bookkeeping -------------------------------------------------------------------------
     @property
@@ -162,10 +170,18 @@ class AdapterSlots:
         scale: Union[float, Sequence[Optional[float]]],
         *,
         name: Optional[str] = None,
+        magnitude: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
+        base_weight: Union[torch.Tensor, Sequence[torch.Tensor], None] = None,
     ) -> int:
         """Copy an adapter into ``slot``: lora_A [r, K] (PEFT ``lora_A.weight``) and lora_B [N_s, r]
         (``lora_B.weight``), one pair per slice (a single tensor when there is one slice). Ranks r <= r_max are
-        zero-padded and ``ranks[slot] = r``. All inputs are validated before anything is written. Returns slot."""
+        zero-padded and ``ranks[slot] = r``. All inputs are validated before anything is written. Returns slot.
+
+        DoRA: ``magnitude`` (PEFT ``lora_magnitude_vector``, [N_s] per slice (None for a slice left out: g = 1
+        there), or one [ΣN_s] tensor) and the frozen
+        ``base_weight`` W0 ([N_s, K] per slice, or the packed [ΣN_s, K]); the factors
+        ``g = m / ‖W0 + scale·B·A‖_row`` are computed here once (fp32, without forming the N×K sum:
+        :func:`lora_kernels.dora.dora_weight_norm`) and :meth:`apply` rescales this slot's tokens by them."""
         slot = self._check_slot(slot)
         As = [lora_A] if isinstance(lora_A, torch.Tensor) else list(lora_A)
         Bs = [lora_B] if isinstance(lora_B, torch.Tensor) else list(lora_B)
@@ -199,6 +215,7 @@ class AdapterSlots:
             raise LoRAInputError(f"AdapterSlots.load: scale must be one finite number, got {scale!r}")
         if name is not None and name in self._names and self._names[name] != slot:
             raise LoRAInputError(f"AdapterSlots.load: adapter {name!r} is already loaded in slot {self._names[name]}")
+        g = self._dora_factors(As, Bs, float(scale_t), magnitude, base_weight)  # validates; None for plain LoRA
         # Everything that can fail (dtype/device conversion) happens before the slot is touched, so a failed load
         # leaves the slot, its scale, rank and name exactly as they were.
         dev, dt = self.scales.device, self.lora_a[0].dtype
@@ -214,6 +231,7 @@ class AdapterSlots:
                 self.lora_b[s][slot, :, :r].copy_(b)
             self.scales[slot] = float(scale_t)
             self.ranks[slot] = r
+            self._set_factors(slot, g)
         for n, sl in list(self._names.items()):
             if sl == slot:
                 del self._names[n]
@@ -230,10 +248,74 @@ class AdapterSlots:
                 b[slot].zero_()
             self.scales[slot] = 0.0
             self.ranks[slot] = 0
+            self._set_factors(slot, None)
         for n, sl in list(self._names.items()):
             if sl == slot:
                 del self._names[n]
         return slot
+
+    # -- DoRA ---------------------------------------------------------------------------------
+    def _dora_factors(self, As, Bs, scale: float, magnitude, base_weight) -> Optional[torch.Tensor]:
+        """g = m / ‖W0 + scale·B·A‖_row per slice, concatenated: [ΣN_s] fp32 on the slots' device (None without
+        ``magnitude``). Raises LoRAInputError naming the input before anything is written."""
+        from .dora import dora_weight_norm
+
+        if magnitude is None:
+            if base_weight is not None:
+                raise LoRAInputError("AdapterSlots.load: base_weight is only used with magnitude (DoRA)")
+            return None
+        if base_weight is None:
+            raise LoRAInputError("AdapterSlots.load: a DoRA adapter (magnitude given) needs base_weight, the frozen "
+                                 "W0 of this layer, to compute m / ‖W0 + s·B·A‖")
+        widths, K = self.out_features, self.in_features
+        N = sum(widths)
+
+        def split(t, what, shape_of):
+            ts = [t] if isinstance(t, torch.Tensor) else list(t)
+            if len(ts) == 1 and len(widths) > 1:
+                if not isinstance(ts[0], torch.Tensor) or ts[0].shape[:1] != (N,):
+                    packed = ", ".join(str(d) for d in shape_of(N))
+                    raise LoRAInputError(f"AdapterSlots.load: {what} must be [{packed}] (packed) or one per slice "
+                                         f"(widths {widths}), got {_shape(ts[0])}")
+                ts = list(torch.split(ts[0], widths, dim=0))
+            if len(ts) != len(widths):
+                raise LoRAInputError(f"AdapterSlots.load: expected {len(widths)} {what} tensors (one per slice), got {len(ts)}")
+            for s, (t, n) in enumerate(zip(ts, widths)):
+                if t is None and what == "magnitude":
+                    continue  # a slice the adapter leaves out (plain there: g = 1)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape_of(n)) or not t.is_floating_point():
+                    raise LoRAInputError(f"AdapterSlots.load: {what}[{s}] must be a floating tensor {list(shape_of(n))}, "
+                                         f"got {_shape(t)}{' ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
+            return ts
+
+        ms = split(magnitude, "magnitude", lambda n: (n,))
+        ws = split(base_weight, "base_weight", lambda n: (n, K))
+        out = []
+        for s, (m, w, a, b) in enumerate(zip(ms, ws, As, Bs)):
+            if m is None:
+                out.append(torch.ones(widths[s], dtype=torch.float32, device=w.device))
+                continue
+            if not bool(torch.isfinite(m).all()):
+                raise LoRAInputError(f"AdapterSlots.load: magnitude[{s}] has non-finite values")
+            dev = w.device
+            norm = dora_weight_norm(w.detach(), a.detach().to(dev), b.detach().to(dev), scale)
+            g = m.detach().to(device=dev, dtype=torch.float32) / norm.to(torch.float32)
+            if not bool(torch.isfinite(g).all()):
+                raise LoRAInputError(f"AdapterSlots.load: slice {s}: ‖W0 + s·B·A‖ is 0 in some row (m / 0 is not finite)")
+            out.append(g)
+        return torch.cat(out).to(self.scales.device)
+
+    def _set_factors(self, slot: int, g: Optional[torch.Tensor]) -> None:
+        if g is None:
+            self._dora_slots.discard(slot)
+            if self.magnitudes is not None:
+                self.magnitudes[slot].fill_(1.0)
+            return
+        if self.magnitudes is None:
+            self.magnitudes = torch.ones((self.num_slots, sum(self.out_features)), dtype=torch.float32,
+                                         device=self.scales.device)
+        self.magnitudes[slot].copy_(g)
+        self._dora_slots.add(slot)
 
     # -- compute -----------------------------------------------------------------------------
     def make_meta(self, adapter_ids: torch.Tensor, **kw) -> LoRABatchMeta:
@@ -247,8 +329,16 @@ class AdapterSlots:
         meta: Optional[LoRABatchMeta] = None,
         *,
         backend: Optional[str] = None,
+        bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``lora_kernels.add_lora`` with this layer's stacked weights: y [M, ΣN_s] += per-token LoRA (in place)."""
+        """``lora_kernels.add_lora`` with this layer's stacked weights: y [M, ΣN_s] += per-token LoRA (in place).
+
+        y holds the base output. While a DoRA adapter is loaded, every adapter's tokens get
+        ``y = g⊙(y − bias + lora) + bias`` (g = 1 for plain adapters): pass the base layer's ``bias`` [ΣN_s] when it
+        has one (it is not read otherwise)."""
+        if self._dora_slots:
+            return add_lora(y, x, self.lora_a, self.lora_b, adapter_ids, self.scales, self.ranks, meta=meta,
+                            backend=backend, magnitudes=self.magnitudes, bias=bias)
         return add_lora(
             y, x, self.lora_a, self.lora_b, adapter_ids, self.scales, self.ranks, meta=meta, backend=backend
         )

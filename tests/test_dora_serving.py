@@ -194,3 +194,197 @@ def test_add_lora_dora_opcheck():
         meta = LoRABatchMeta(c["ids"], 3, block_m=16)
         torch.library.opcheck(torch.ops.lora_kernels.add_lora_.default, args + meta.groups,
                               dict(magnitudes=c["g"], bias=None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AdapterSlots + peft_io: PEFT DoRA adapters served per token
+# ---------------------------------------------------------------------------------------------------------------
+
+QKV = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+
+
+def _tiny_peft(tmp_path, seed=0):
+    """A tiny Llama (q/k/v with bias) and a PeftModel with two DoRA adapters (different r, alpha, rsLoRA) and a plain
+    one, every lora_B and magnitude random and non-zero; each adapter saved by PEFT in its own directory."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    tm = ["q_proj", "k_proj", "v_proj"]
+    confs = {
+        "d1": peft.LoraConfig(r=4, lora_alpha=8, target_modules=tm, use_dora=True),
+        "d2": peft.LoraConfig(r=8, lora_alpha=5, target_modules=tm, use_dora=True, use_rslora=True),
+        "plain": peft.LoraConfig(r=2, lora_alpha=4, target_modules=tm),
+    }
+    pm = peft.get_peft_model(base, confs["d1"], adapter_name="d1")
+    for name in ("d2", "plain"):
+        pm.add_adapter(name, confs[name])
+    with torch.no_grad():
+        for n, mod in pm.named_modules():
+            if hasattr(mod, "lora_B") and isinstance(getattr(mod, "lora_B"), torch.nn.ModuleDict):
+                for name in mod.lora_B:
+                    mod.lora_B[name].weight.normal_(0, 0.3)
+                    if name in mod.lora_magnitude_vector:
+                        mod.lora_magnitude_vector[name].weight.mul_(1 + 0.3 * torch.randn_like(
+                            mod.lora_magnitude_vector[name].weight))
+    pm.eval()
+    dirs = {}
+    for name in confs:
+        d = tmp_path / name
+        pm.save_pretrained(str(d), selected_adapters=[name])
+        dirs[name] = str(d / name) if (d / name / "adapter_config.json").exists() else str(d)
+    return pm, dirs
+
+
+def _peft_layer(pm, path):
+    return pm.base_model.model.get_submodule(path)
+
+
+def _peft_per_token(pm, x, names):
+    """PEFT's q/k/v outputs, packed, for each token's adapter (None = the base layer)."""
+    out = torch.empty(x.shape[0], sum(_peft_layer(pm, p).base_layer.out_features for p in QKV))
+    with torch.no_grad():
+        for name in set(names):
+            rows = [t for t, n in enumerate(names) if n == name]
+            if name is None:
+                y = torch.cat([_peft_layer(pm, p).base_layer(x[rows]) for p in QKV], 1)
+            else:
+                pm.set_adapter(name)
+                y = torch.cat([_peft_layer(pm, p)(x[rows]) for p in QKV], 1)
+            out[rows] = y
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slots_dora_equal_peft_per_token(tmp_path, backend):
+    """Packed q/k/v AdapterSlots with two PEFT DoRA adapters, a plain one and -1 tokens in one batch equal PEFT's
+    per-token outputs (fp32), prefill (with a LoRABatchMeta) and decode."""
+    from lora_kernels.peft_io import load_peft_into_slots, read_peft_adapter
+
+    pm, dirs = _tiny_peft(tmp_path)
+    layers = [_peft_layer(pm, p).base_layer for p in QKV]
+    W = [m.weight.detach() for m in layers]
+    bias = torch.cat([m.bias.detach() for m in layers])
+    slots = AdapterSlots(4, 8, 32, [w.shape[0] for w in W], dtype=torch.float32)
+    for slot, name in ((0, "d1"), (2, "d2"), (3, "plain")):
+        src = read_peft_adapter(dirs[name])
+        load_peft_into_slots(slots, src, QKV, slot, name=name, base_weight=W)  # ignored for the plain adapter
+    assert sorted(slots._dora_slots) == [0, 2]
+    assert torch.equal(slots.magnitudes[3], torch.ones(64)) and torch.equal(slots.magnitudes[1], torch.ones(64))
+    gen = torch.Generator().manual_seed(1)
+    for M in (70, 3):
+        names = [[None, "d1", "d2", "plain"][i] for i in torch.randint(0, 4, (M,), generator=gen).tolist()]
+        x = torch.randn(M, 32, generator=gen)
+        exp = _peft_per_token(pm, x, names)
+        ids = slots.ids_for(names)
+        y = torch.cat([m(x) for m in layers], 1).detach()
+        meta = slots.make_meta(ids, block_m=16) if M > 16 else None
+        with torch.no_grad():
+            slots.apply(y, x, ids, meta=meta, backend=backend, bias=bias)
+        assert_close_rel(y, exp, TOL[torch.float32], f"{backend} M={M}")
+        for t, n in enumerate(names):  # per token, not only in norm
+            assert_close_rel(y[t], exp[t], 1e-5, f"{backend} M={M} token {t} ({n})")
+
+
+def test_slots_dora_factors_and_bookkeeping():
+    """g = m / ‖W0 + s·B·A‖ per packed slice vs float64; evict and plain reload restore ones; apply without DoRA
+    slots takes the plain path; bad DoRA inputs raise before the slot changes."""
+    gen = torch.Generator().manual_seed(3)
+    widths, K, r = [12, 7], 10, 3
+    W = [torch.randn(n, K, generator=gen) for n in widths]
+    A = [torch.randn(r, K, generator=gen) for _ in widths]
+    B = [torch.randn(n, r, generator=gen) for n in widths]
+    m = torch.rand(sum(widths), generator=gen) + 0.5
+    slots = AdapterSlots(3, 4, K, widths, dtype=torch.float32)
+    assert slots.magnitudes is None
+    slots.load(1, A, B, 1.7, magnitude=m, base_weight=torch.cat(W), name="dora")  # packed m and W0
+    exp = torch.cat([m[:12].double() / dora_weight_norm_ref(W[0], A[0], B[0], 1.7),
+                     m[12:].double() / dora_weight_norm_ref(W[1], A[1], B[1], 1.7)])
+    assert_close_rel(slots.magnitudes[1], exp, 1e-6, "g")
+    assert torch.equal(slots.magnitudes[0], torch.ones(19)) and torch.equal(slots.magnitudes[2], torch.ones(19))
+    g_before = slots.magnitudes.clone()
+    a_before = [a.clone() for a in slots.lora_a]
+    bad_w = [w.clone() for w in W]
+    bad_w[1][2] = 0.0
+    B0 = [b.clone() for b in B]
+    B0[1][2] = 0.0  # row 2 of slice 1: W0 + s·B·A = 0 -> m / 0
+    cases = [
+        (dict(magnitude=m), "needs base_weight"),
+        (dict(base_weight=W), "base_weight is only used with magnitude"),
+        (dict(magnitude=m[:18], base_weight=W), r"magnitude must be \[19\] \(packed\)"),
+        (dict(magnitude=[m[:12], m[12:18]], base_weight=W), r"magnitude\[1\] must be a floating tensor \[7\]"),
+        (dict(magnitude=m, base_weight=[W[0], W[1][:, :9]]), r"base_weight\[1\] must be a floating tensor \[7, 10\]"),
+        (dict(magnitude=m.masked_fill(torch.arange(19) == 4, float("nan")), base_weight=W), "non-finite"),
+        (dict(magnitude=m, base_weight=bad_w, lora_B=B0), "is 0 in some row"),
+    ]
+    for kw, msg in cases:
+        b_arg = kw.pop("lora_B", B)
+        with pytest.raises(LoRAInputError, match=msg):
+            slots.load(0, A, b_arg, 1.0, name="x", **kw)
+        assert torch.equal(slots.magnitudes, g_before) and all(torch.equal(a, b) for a, b in zip(slots.lora_a, a_before))
+        assert slots.names == {"dora": 1}
+    slots.load(1, A, B, 1.0, name="dora")  # plain reload of the slot: its factors back to ones
+    assert torch.equal(slots.magnitudes[1], torch.ones(19)) and not slots._dora_slots
+    slots.load(2, A, B, 1.0, magnitude=[m[:12], m[12:]], base_weight=W)
+    slots.evict(2)
+    assert torch.equal(slots.magnitudes[2], torch.ones(19)) and not slots._dora_slots
+
+
+def test_peft_io_reads_dora(tmp_path):
+    """read_peft_adapter gives (A, B, scale, m) for PEFT DoRA modules and (A, B, scale) for plain ones; DoRA files
+    without base_weight are refused by load_peft_into_slots with the reason."""
+    from lora_kernels.peft_io import load_peft_into_slots, read_peft_adapter
+
+    pm, dirs = _tiny_peft(tmp_path)
+    cfg, ad = read_peft_adapter(dirs["d2"])
+    assert cfg["use_dora"] is True
+    for p in QKV:
+        a, b, scale, m = ad[p]
+        lay = _peft_layer(pm, p)
+        assert torch.equal(m, lay.lora_magnitude_vector["d2"].weight.detach())
+        assert torch.equal(a, lay.lora_A["d2"].weight.detach()) and torch.equal(b, lay.lora_B["d2"].weight.detach())
+        assert scale == pytest.approx(lay.scaling["d2"])
+    _, plain = read_peft_adapter(dirs["plain"])
+    assert all(len(v) == 3 for v in plain.values())
+    slots = AdapterSlots(2, 8, 32, [32, 16, 16], dtype=torch.float32)
+    with pytest.raises(ValueError, match="pass base_weight="):
+        load_peft_into_slots(slots, dirs["d1"], QKV, 0)
+
+
+def test_slots_dora_subset_of_slices_equal_peft(tmp_path):
+    """A PEFT DoRA adapter on q and v only, loaded into q/k/v-packed slots: k keeps the base output (g = 1 there),
+    q and v equal PEFT's DoRA per token."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lora_kernels.peft_io import load_peft_into_slots
+
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)).eval()
+    with torch.no_grad():
+        for mod in pm.modules():
+            if isinstance(getattr(mod, "lora_B", None), torch.nn.ModuleDict):
+                mod.lora_B["default"].weight.normal_(0, 0.3)
+                mod.lora_magnitude_vector["default"].weight.mul_(1.5)
+    pm.save_pretrained(str(tmp_path))
+    attn = pm.base_model.model.model.layers[0].self_attn
+    layers = [attn.q_proj.base_layer, attn.k_proj, attn.v_proj.base_layer]
+    slots = AdapterSlots(2, 4, 32, [32, 16, 16], dtype=torch.float32)
+    load_peft_into_slots(slots, str(tmp_path), QKV, 1, base_weight=[m.weight.detach() for m in layers])
+    assert torch.equal(slots.magnitudes[1, 32:48], torch.ones(16))
+    x = torch.randn(9, 32)
+    ids = torch.tensor([1, -1, 1, 0, 1, 1, -1, 1, 0], dtype=torch.int32)
+    with torch.no_grad():
+        y = torch.cat([m(x) for m in layers], 1)
+        exp = torch.where((ids == 1)[:, None], torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], 1), y)
+        slots.apply(y, x, ids, backend="torch", bias=torch.cat([m.bias for m in layers]))
+    assert_close_rel(y, exp, TOL[torch.float32], "q/v DoRA, k untouched")
+    assert torch.equal(y[:, 32:48], exp[:, 32:48])

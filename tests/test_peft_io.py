@@ -157,10 +157,15 @@ def test_load_errors_are_clear(tmp_path):
         read_peft_adapter(tmp_path / "nope")
 
 
-def test_dora_adapter_is_refused(tmp_path):
+def test_dora_adapter_is_read_and_refused_by_plain_modules(tmp_path):
+    """A PEFT DoRA adapter reads as (A, B, scale, m) (tests/test_dora_serving.py has the rest); loading it into plain
+    LoRALinear modules is refused, naming DoRA."""
     get_peft_model(_base(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path)
+    config, adapters = read_peft_adapter(tmp_path)
+    assert config["use_dora"] and all(len(v) == 4 for v in adapters.values())
+    plain = lora_kernels.inject_lora(_base(), ["q_proj"], r=2, alpha=8, backend="torch")
     with pytest.raises(ValueError, match="DoRA"):
-        read_peft_adapter(tmp_path)
+        load_peft_adapter_(plain, tmp_path)
 
 
 def test_round_trip_ours_to_ours(tmp_path):
