@@ -7,6 +7,8 @@ same names, so that ``save_pretrained`` of the result has exactly the base model
   adapter to unmerge); an unmerged one is merged with :func:`lora_kernels.merge_` (fp32 accumulate, one rounding:
   the same value ``merge()`` writes). ``unload`` gives back the base weight instead (an exactly unmerged one for a
   merged layer). A layer whose adapters are disabled is unloaded without merging.
+* A :class:`~lora_kernels.LoRAEmbedding` becomes an ``nn.Embedding`` the same way (its adapter merged into the
+  table's [D, V] view).
 * Tied weights (an ``lm_head`` sharing the embedding matrix, found by parameter identity in the model): merging
   into the shared matrix would change the embedding too, so ``tied="refuse"`` (default) raises and names the
   parameters; ``tied="untie"`` gives the adapted layer a merged copy of its own, leaves the other module's weight
@@ -53,6 +55,14 @@ def _plain_linear(layer, weight: nn.Parameter) -> nn.Module:
     return new
 
 
+def _plain_embedding(layer, weight: nn.Parameter) -> nn.Embedding:
+    new = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
+                       scale_grad_by_freq=layer.scale_grad_by_freq, device="meta")
+    new.weight = weight
+    new.train(layer.training)
+    return new
+
+
 def _untie_config(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -68,8 +78,11 @@ def _untie_config(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
+    from .embedding import LoRAEmbedding
     from .modules import LoRALinear
     from .quant_modules import LoRAQuantLinear
+
+    mergeable = (LoRALinear, LoRAEmbedding)
 
     where = "merge_and_unload" if merge else "unload"
     if tied not in ("refuse", "untie", "merge"):
@@ -80,12 +93,12 @@ def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
     moe = [n for n, m in model.named_modules() if isinstance(m, _LoRAConfigMixin)]
     if moe:
         raise LoRAInputError(f"{where}: MoE expert LoRA layers ({moe[:3]}) are not supported by {where} yet")
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAQuantLinear))
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (*mergeable, LoRAQuantLinear))
                or hasattr(m, "unload_module")]
     if not targets:
         raise LoRAInputError(f"{where}: the model has no LoRA layers (nothing to unload)")
     if merge:
-        bad = [n for n, m in targets if not isinstance(m, LoRALinear) and not hasattr(m, "unload_module")]
+        bad = [n for n, m in targets if not isinstance(m, mergeable) and not hasattr(m, "unload_module")]
         if bad:
             raise LoRAInputError(f"{where}: these LoRA layers cannot merge (quantised base): {bad[:5]}; "
                                  "use lora_kernels.unload(model) to drop their adapters, or keep them unmerged")
@@ -93,12 +106,13 @@ def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
     plans = []
     untie_any = False
     for name, m in targets:
-        if not isinstance(m, LoRALinear):
+        if not isinstance(m, mergeable):
             plans.append((name, m, None))
             continue
         others = [p for p in names_of.get(id(m.weight), []) if p != (f"{name}.weight" if name else "weight")]
-        do_merge = merge and not m.merged and m.adapters_enabled
-        touches = merge and (m.merged or m.adapters_enabled)  # unload restores a shared matrix exactly: no conflict
+        enabled = getattr(m, "adapters_enabled", True)
+        do_merge = merge and not m.merged and enabled
+        touches = merge and (m.merged or enabled)  # unload restores a shared matrix exactly: no conflict
         mode = "own"
         if others and touches:
             if tied == "refuse":
@@ -134,12 +148,15 @@ def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
                 weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if merge:
             if do_merge:
-                a, b, s = m._merge_operands(where)
-                merge_(weight.t() if m.fan_in_fan_out else weight, a, b, s, backend=m.backend)
+                if isinstance(m, LoRAEmbedding):  # the table's [D, V] view, as LoRAEmbedding.merge
+                    merge_(weight.t(), m.lora_embedding_A, m.lora_embedding_B, m.scale, backend=m.backend)
+                else:
+                    a, b, s = m._merge_operands(where)
+                    merge_(weight.t() if m.fan_in_fan_out else weight, a, b, s, backend=m.backend)
             # an already-merged layer keeps its merged weight; its record is dropped with the layer
         elif m.merged:
             m.unmerge()  # exact (bit-for-bit) where the record allows, else a warning and a rounding unmerge
-        setattr(parent, child, _plain_linear(m, weight))
+        setattr(parent, child, _plain_embedding(m, weight) if isinstance(m, LoRAEmbedding) else _plain_linear(m, weight))
     if untie_any:
         _untie_config(model)
     return model

@@ -230,3 +230,22 @@ def test_gpt2_conv1d_merge_and_unload_save_pretrained(tmp_path):
     back, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"], info
     assert_close_rel(_logits(back.eval(), ids), want, TOL[torch.float32], "reloaded GPT-2")
+
+
+def test_embedding_and_linear_merge_and_unload_save_pretrained(tmp_path):
+    model = _llama()
+    lk.inject_lora(model, ["embed_tokens", "q_proj", "lm_head"], 4, 8, backend="torch")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (LoRALinear, lk.LoRAEmbedding)):
+                m.lora_A.normal_(0, 0.3)
+                m.lora_B.normal_(0, 0.3)
+    ids = torch.randint(0, 61, (2, 9))
+    want = _logits(model, ids)
+    lk.merge_and_unload(model)
+    assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+    assert_close_rel(_logits(model, ids), want, TOL[torch.float32], "unloaded embedding + linear")
+    model.save_pretrained(tmp_path)
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    assert_close_rel(_logits(back.eval(), ids), want, TOL[torch.float32], "reloaded")
