@@ -4,7 +4,7 @@
 The interpreter tests (``TRITON_INTERPRET=1``) never run Triton's GPU compiler, so they cannot see a kernel that
 fails to lower for a real GPU (``tl.dot`` operand-type rules for bf16/fp16/fp32 and ``input_precision``, layouts of
 small tiles, uint32 arithmetic, atomics, shared memory per config). This harness compiles the kernels of
-``lora_kernels/triton/{lora_linear,multi_lora,merge,quant_linear,shrink_expand}.py`` all the way to a cubin
+``lora_kernels/triton/{lora_linear,multi_lora,merge,quant_linear,shrink_expand,moe_lora,dora,embedding}.py`` all the way to a cubin
 (Triton's bundled ptxas) for sm_90 (H100) and sm_80 (A100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``.
 
 How: one subprocess runs this file as a script with ``TRITON_INTERPRET=0`` (the kernel modules read that variable
@@ -333,6 +333,49 @@ def _moe_lora_jobs(mm, dtype, variant, shape):
             _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
             N, K, R if lora else 0, k, T, E,
             N, 1, R, 1, *xs, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
+def _embedding_jobs(em, dtype, variant, shape):
+    """The LoRA embedding kernels of triton/embedding.py, as their launchers call them: M tokens, a [V, D] table
+    (V = K, D = N), A [r, V], B [D, r] (ragged: transposed storage of the table, A and dy); serving: stacked
+    A [L, r_max, V] (ragged: vLLM's [L, V, r] as a transposed view) and B [L, D, r_max], 1-D ids / scales / ranks."""
+    M, D, V = shape["M"], shape["N"], shape["K"]
+    ragged = shape is _SHAPES["ragged"]
+    R, L = variant.get("R", 16), 8
+    ids = variant.get("ids", "i64")
+    prec = variant.get("prec", "tf32")
+    block_r = max(16, 1 << (R - 1).bit_length())
+    ws = (1, V + 3) if ragged else (D, 1)  # table [V, D]
+    as_ = (1, R) if ragged else (V, 1)  # A [R, V]
+    dys = (1, M + 5) if ragged else (D, 1)
+    kind = variant["kind"]
+    if kind == "fwd":
+        return [("_emb_fwd_kernel", (
+            _t(dtype), _t(ids), _t(dtype), _t(dtype), _t(dtype), 0.5, M, D, V, R,
+            1, *ws, *as_, R, 1, D, 1), dict(BLOCK_R=block_r, INPUT_PRECISION=prec))]
+    if kind == "bwd":
+        return [("_emb_da_kernel", (
+            _t("fp32"), _t(dtype), _t(ids), _t(dtype), 0.5, 3, M, D, V, R,
+            *dys, 1, R, 1), dict(BLOCK_R=block_r, INPUT_PRECISION=prec)),
+                ("_emb_db_kernel", (
+            _t("fp32"), _t(dtype), _t(ids), _t(dtype), 0.5, 512, M, D, V, R,
+            *dys, 1, *as_), dict(BLOCK_R=block_r, INPUT_PRECISION=prec))]
+    adt = variant.get("adt", dtype)
+    a3 = (V * R, 1, R) if ragged else (R * V, V, 1)  # A [L, r_max, V]
+    return [("_emb_serve_kernel", (
+        _t(dtype), _t(ids), _t(adt), _t(adt), _t(ids), _t("fp32"), _t(variant.get("ranks", "i32")),
+        M, D, L, V, R, D, 1, 1, *a3, D * R, R, 1, 1, 1, 1), dict(HAS_RANKS=variant.get("has_ranks", True)))]
+
+
+def _embedding_variants(dtype):
+    out = [dict(kind="fwd"), dict(kind="fwd", R=128), dict(kind="bwd"), dict(kind="bwd", R=128, ids="i32")]
+    if dtype == "fp32":
+        out += [dict(kind="fwd", prec="ieee"), dict(kind="bwd", prec="ieee")]
+    for has_ranks in (True, False):
+        out.append(dict(kind="serve", has_ranks=has_ranks))
+    if dtype != "fp32":
+        out.append(dict(kind="serve", adt="fp32", ids="i32", ranks="i64"))
+    return out
+
+
             dict(X_PAIR=xp, HAS_LORA=lora, HAS_BIAS=variant.get("bias", False), HAS_WEIGHTS=variant.get("weights", False),
                  EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
     if kind == "bwd":
@@ -504,6 +547,11 @@ def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind,
     # the first of the list otherwise
     rep = min(small, key=lambda i: cfgs[i][0]["BLOCK_M"]) if small else 0
     if shape_name == "ragged":
+    from lora_kernels.triton import embedding as em  # LoRA embedding kernels
+
+    mods.setdefault("embedding", em)
+    for name in ("_emb_fwd_kernel", "_emb_da_kernel", "_emb_db_kernel", "_emb_serve_kernel"):
+        table[name] = ("embedding", getattr(em, name), _configs(getattr(em, name)), None)
         return {rep} if target == 90 else set()
     picks = set()
     if level == "wide":
@@ -579,6 +627,7 @@ def build_jobs(level: str):
                         if shape_name == "main":
                             kernels_seen.add(kname)
                             if worst:
+        ("embedding", _embedding_variants, _embedding_jobs),
                                 worst_seen.add(kname)
                         cfgs, prune = table[kname][2], table[kname][3] is not None
                         for target in TARGETS:
