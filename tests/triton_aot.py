@@ -306,33 +306,6 @@ def _shrink_expand_variants(dtype):
     return out
 
 
-def _moe_lora_jobs(mm, dtype, variant, shape):
-    """The MoE LoRA kernels of triton/moe_lora.py, as their launchers call them: E = 8 experts, top-2, the grouped
-    GEMM forward and backward over a routing's tiles (x token rows or pair rows; W [E, N, K] or stored transposed
-    [E, K, N] as GPT-OSS does, B as a [E, N, r] tensor or PEFT's strided [N, r·E] view, A per expert or shared), the
-    combine and the serving update over [L, E, r, K] slots."""
-    M, N, K = shape["M"], shape["N"], shape["K"]
-    ragged = shape is _SHAPES["ragged"]
-    E, k, L = 8, 2, 4
-    P = M * k
-    R = variant.get("R", 16)
-    block_r = max(16, 1 << (R - 1).bit_length())
-    bm = variant.get("block_m", 64)
-    T = P // bm + E + 1
-    prec = variant.get("prec", "tf32")
-    xp = variant.get("x_pair", False)
-    xs = (1, (P if xp else M) + 3) if ragged else (K, 1)
-    peft = variant.get("peft_layout", False)
-    ws = (N * K, 1, N) if peft else (N * K, K, 1)  # transposed storage [E, K, N] (GPT-OSS) with PEFT's lora_B layout
-    a_s = (0 if variant.get("shared_a") else R * K, K, 1)
-    b_s = (1, R * E, E) if peft else (N * R, R, 1)
-    kind = variant["kind"]
-    if kind == "fwd":
-        lora = variant.get("lora", True)
-        return [("_moe_fwd_kernel", (
-            _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
-            N, K, R if lora else 0, k, T, E,
-            N, 1, R, 1, *xs, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
 def _embedding_jobs(em, dtype, variant, shape):
     """The LoRA embedding kernels of triton/embedding.py, as their launchers call them: M tokens, a [V, D] table
     (V = K, D = N), A [r, V], B [D, r] (ragged: transposed storage of the table, A and dy); serving: stacked
@@ -376,6 +349,33 @@ def _embedding_variants(dtype):
     return out
 
 
+def _moe_lora_jobs(mm, dtype, variant, shape):
+    """The MoE LoRA kernels of triton/moe_lora.py, as their launchers call them: E = 8 experts, top-2, the grouped
+    GEMM forward and backward over a routing's tiles (x token rows or pair rows; W [E, N, K] or stored transposed
+    [E, K, N] as GPT-OSS does, B as a [E, N, r] tensor or PEFT's strided [N, r·E] view, A per expert or shared), the
+    combine and the serving update over [L, E, r, K] slots."""
+    M, N, K = shape["M"], shape["N"], shape["K"]
+    ragged = shape is _SHAPES["ragged"]
+    E, k, L = 8, 2, 4
+    P = M * k
+    R = variant.get("R", 16)
+    block_r = max(16, 1 << (R - 1).bit_length())
+    bm = variant.get("block_m", 64)
+    T = P // bm + E + 1
+    prec = variant.get("prec", "tf32")
+    xp = variant.get("x_pair", False)
+    xs = (1, (P if xp else M) + 3) if ragged else (K, 1)
+    peft = variant.get("peft_layout", False)
+    ws = (N * K, 1, N) if peft else (N * K, K, 1)  # transposed storage [E, K, N] (GPT-OSS) with PEFT's lora_B layout
+    a_s = (0 if variant.get("shared_a") else R * K, K, 1)
+    b_s = (1, R * E, E) if peft else (N * R, R, 1)
+    kind = variant["kind"]
+    if kind == "fwd":
+        lora = variant.get("lora", True)
+        return [("_moe_fwd_kernel", (
+            _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
+            N, K, R if lora else 0, k, T, E,
+            N, 1, R, 1, *xs, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
             dict(X_PAIR=xp, HAS_LORA=lora, HAS_BIAS=variant.get("bias", False), HAS_WEIGHTS=variant.get("weights", False),
                  EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
     if kind == "bwd":
@@ -513,6 +513,11 @@ def _kernel_table(mods):
     se = mods["shrink_expand"]
     for name in ("_shrink_kernel", "_expand_kernel"):
         table[name] = ("shrink_expand", getattr(se, name), _configs(getattr(se, name)), None)
+    from lora_kernels.triton import embedding as em  # LoRA embedding kernels
+
+    mods.setdefault("embedding", em)
+    for name in ("_emb_fwd_kernel", "_emb_da_kernel", "_emb_db_kernel", "_emb_serve_kernel"):
+        table[name] = ("embedding", getattr(em, name), _configs(getattr(em, name)), None)
     mm = mods["moe_lora"]
     for name in ("_moe_fwd_kernel", "_moe_bwd_kernel", "_moe_combine_kernel", "_moe_delta_kernel"):
         table[name] = ("moe_lora", getattr(mm, name), _configs(getattr(mm, name)), None)
@@ -547,11 +552,6 @@ def _picks(level, kname, cfgs, prune_by_m, dtype, target, shape_name, main_kind,
     # the first of the list otherwise
     rep = min(small, key=lambda i: cfgs[i][0]["BLOCK_M"]) if small else 0
     if shape_name == "ragged":
-    from lora_kernels.triton import embedding as em  # LoRA embedding kernels
-
-    mods.setdefault("embedding", em)
-    for name in ("_emb_fwd_kernel", "_emb_da_kernel", "_emb_db_kernel", "_emb_serve_kernel"):
-        table[name] = ("embedding", getattr(em, name), _configs(getattr(em, name)), None)
         return {rep} if target == 90 else set()
     picks = set()
     if level == "wide":
@@ -592,6 +592,7 @@ def build_jobs(level: str):
         ("multi_lora", _multi_lora_variants, _multi_lora_jobs),
         ("merge", _merge_variants, _merge_jobs),
         ("quant_linear", _quant_linear_variants, _quant_linear_jobs),
+        ("embedding", _embedding_variants, _embedding_jobs),
         ("shrink_expand", _shrink_expand_variants, _shrink_expand_jobs),
         ("moe_lora", _moe_lora_variants, _moe_lora_jobs),
     ]
@@ -627,7 +628,6 @@ def build_jobs(level: str):
                         if shape_name == "main":
                             kernels_seen.add(kname)
                             if worst:
-        ("embedding", _embedding_variants, _embedding_jobs),
                                 worst_seen.add(kname)
                         cfgs, prune = table[kname][2], table[kname][3] is not None
                         for target in TARGETS:
