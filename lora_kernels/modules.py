@@ -362,19 +362,24 @@ def set_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], *, exc
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:
-    """The LoRA parameters of ``model`` (plus biases per ``bias``, as in loralib)."""
+    """The LoRA parameters of ``model`` (every named adapter; plus biases per ``bias``, as in loralib), and the full
+    state of its ``modules_to_save`` (:func:`set_modules_to_save`), as PEFT's adapter state dict holds them."""
     sd = model.state_dict()
+    keep = tuple(f"{p}." for p in getattr(model, "lora_modules_to_save_paths", ()))
     if bias == "none":
-        return {k: v for k, v in sd.items() if "lora_" in k}
+        return {k: v for k, v in sd.items() if "lora_" in k or k.startswith(keep)}
     if bias == "all":
-        return {k: v for k, v in sd.items() if "lora_" in k or k.endswith("bias")}
+        return {k: v for k, v in sd.items() if "lora_" in k or k.endswith("bias") or k.startswith(keep)}
     if bias == "lora_only":
-        out = {}
+        out = {k: v for k, v in sd.items() if k.startswith(keep)}
         for name, m in model.named_modules():
             if isinstance(m, (LoRALinear, LoRAQuantLinear)):
                 pre = f"{name}." if name else ""
                 out[pre + "lora_A"] = m.lora_A.detach()
                 out[pre + "lora_B"] = m.lora_B.detach()
+                for n in getattr(m, "_named_cfg", None) or ():  # the other named adapters (named_adapters.py)
+                    out[f"{pre}lora_A_named.{n}"] = m.lora_A_named[n].detach()
+                    out[f"{pre}lora_B_named.{n}"] = m.lora_B_named[n].detach()
                 if m.bias is not None:  # a LoRAQuantLinear keeps its base (and the bias) as base_layer
                     out[pre + ("base_layer.bias" if isinstance(m, LoRAQuantLinear) else "bias")] = m.bias.detach()
         return out

@@ -282,6 +282,17 @@ def test_set_adapter_and_disable_match_peft(use_rslora):
     with pm.disable_adapter(), lk.disable_adapters(ours):
         assert_close_rel(ours(x), pm(x), TOL[torch.float32], "disabled")
     assert_close_rel(ours(x), pm(x), TOL[torch.float32], "re-enabled")
+    # gradients of every active adapter (the fused call) vs PEFT's per-adapter loop
+    xg, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (ours(xg) ** 2).sum().backward()
+    (pm(xp) ** 2).sum().backward()
+    assert_close_rel(xg.grad, xp.grad, TOL[torch.float32], "dx")
+    for name in ("q_proj", "v_proj"):
+        pl, ol = getattr(pm.base_model.model, name), getattr(ours, name)
+        for ad in ol.adapter_names:
+            a, b = ol.adapter_weights(ad)
+            assert_close_rel(a.grad, pl.lora_A[ad].weight.grad, TOL[torch.float32], f"dA {name}.{ad}")
+            assert_close_rel(b.grad, pl.lora_B[ad].weight.grad, TOL[torch.float32], f"dB {name}.{ad}")
 
 
 @pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
@@ -531,3 +542,19 @@ def test_slots_slice_errors():
     with pytest.raises(LoRAInputError, match="one per slice"):
         slots.load(0, [A, None, None], [B, None, None], scale=[1.0, 2.0])
     assert slots.ranks.tolist() == [0, 0]
+
+
+def test_lora_state_dict_has_named_adapters_and_modules_to_save():
+    torch.manual_seed(0)
+    model = lk.inject_lora(Cls(), ["q_proj"], 2, 4, modules_to_save=["head"])
+    lk.add_adapter(model, "b", ["q_proj"], 3, 3)
+    for bias in ("none", "all", "lora_only"):
+        sd = lk.lora_state_dict(model, bias=bias)
+        assert {"q_proj.lora_A", "q_proj.lora_B", "q_proj.lora_A_named.b", "q_proj.lora_B_named.b", "head.weight",
+                "head.bias"} <= set(sd), bias
+        assert "norm.weight" not in sd and "q_proj.weight" not in sd
+    fresh = lk.inject_lora(Cls(), ["q_proj"], 2, 4, modules_to_save=["head"])
+    lk.add_adapter(fresh, "b", ["q_proj"], 3, 3)
+    fresh.load_state_dict(lk.lora_state_dict(model), strict=False)
+    assert torch.equal(fresh.q_proj.lora_A_named["b"], model.q_proj.lora_A_named["b"])
+    assert torch.equal(fresh.head.weight, model.head.weight)
