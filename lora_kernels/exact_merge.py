@@ -65,7 +65,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import LoRAInputError, check_float
-from .functional import TensorOrList, merge_inputs
+from .functional import TensorOrList, dora_merge_inputs, merge_inputs
 from .ops import launcher
 from .ops._registry import mark_written
 from .ops.merge import BITS_DTYPE
@@ -115,6 +115,8 @@ class MergeRecord:
     n_nonfinite: int = 0  # elements made ±inf/NaN by the merge (only with on_overflow="keep")
     weight_version: Optional[int] = None
     consumed: bool = field(default=False)
+    # DoRA: the row factor g = m / ‖W0 + s·B·A‖ [N] the merge applied (from the unmerged W0); the unmerge divides by it
+    dora_factor: Optional[torch.Tensor] = None
 
     @property
     def n_repairs(self) -> int:
@@ -170,9 +172,14 @@ def merge_exact_(
     backend: Optional[str] = None,
     snapshot: bool = True,
     on_overflow: str = "raise",
+    magnitude: Optional[torch.Tensor] = None,
+    weight_norm: Optional[torch.Tensor] = None,
 ) -> MergeRecord:
     """In place ``W ← round(W + Σᵢ sᵢ·Bᵢ·Aᵢ)`` (as :func:`lora_kernels.merge_`) and return the record that
     lets :func:`unmerge_exact_` restore W bit-for-bit.
+
+    DoRA (``magnitude`` m [N], one adapter; ``weight_norm`` optional as in :func:`lora_kernels.merge_`):
+    ``W ← round(g⊙(W + s·B·A))``; the record keeps g and the repair list of ``round(W'/g − s·B·A)`` (torch backend).
 
     Args: weight [N, K] (fp16/bf16/fp32 on any backend, fp64 on torch; any strides without aliasing);
     lora_a [r, K] or list of [rᵢ, K]; lora_b [N, r] or list of [N, rᵢ]; scale a float or one per adapter;
@@ -185,14 +192,21 @@ def merge_exact_(
     ``lora_kernels.distributed.ShardedMergeRecord`` (collective: every rank of the weight's mesh calls it).
     """
     if _is_dtensor(weight, *_flat(lora_a), *_flat(lora_b)):
+        if magnitude is not None:
+            raise LoRAInputError("lora_kernels.merge_exact_: a DoRA merge of a DTensor weight is not supported")
         from .distributed.merge import merge_exact_sharded_
 
         return merge_exact_sharded_(weight, lora_a, lora_b, scale, backend=backend, snapshot=snapshot, on_overflow=on_overflow)
     op = "merge_exact_"
-    lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
+    g = None
+    if magnitude is not None or weight_norm is not None:  # DoRA: validated and g formed before W is written
+        a, b, s, g = dora_merge_inputs(weight, lora_a, lora_b, scale, magnitude, weight_norm, op)
+        lora_a, lora_b, scales = [a], [b], [s]
+    else:
+        lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
     if on_overflow not in ("raise", "keep"):
         raise LoRAInputError(f"lora_kernels.{op}: on_overflow must be 'raise' or 'keep', got {on_overflow!r}")
-    be = resolve_backend("merge_exact", weight, *lora_a, *lora_b, backend=backend)
+    be = resolve_backend("merge_exact" if g is None else "merge_dora_exact", weight, *lora_a, *lora_b, backend=backend)
     with torch.no_grad():
         if snapshot:
             a_ops = [a.detach().clone(memory_format=torch.preserve_format) for a in lora_a]
@@ -202,13 +216,16 @@ def merge_exact_(
             a_ops = [a.detach() for a in lora_a]
             b_ops = [b.detach() for b in lora_b]
             versions = tuple(_version(t) for t in lora_a + lora_b)
-        index, bits, n_nonfinite, config = launcher("merge_exact", be)(weight, a_ops, b_ops, scales)
+        if g is None:
+            index, bits, n_nonfinite, config = launcher("merge_exact", be)(weight, a_ops, b_ops, scales)
+        else:
+            index, bits, n_nonfinite, config = launcher("merge_dora_exact", be)(weight, a_ops[0], b_ops[0], scales[0], g)
         mark_written(weight)
         record = MergeRecord(
             backend=be, config=config, lora_a=a_ops, lora_b=b_ops, scales=tuple(scales), snapshot=snapshot,
             adapter_versions=versions, weight_ptr=weight.data_ptr(), weight_shape=tuple(weight.shape),
             weight_stride=tuple(weight.stride()), weight_dtype=weight.dtype, weight_device=weight.device,
-            repair_index=index, repair_bits=bits, n_nonfinite=n_nonfinite,
+            repair_index=index, repair_bits=bits, n_nonfinite=n_nonfinite, dora_factor=g,
         )
         record.weight_version = _version(weight)
         if n_nonfinite and on_overflow == "raise":
@@ -278,8 +295,12 @@ def rebind_record_(record, old_weight: torch.Tensor, new_weight: torch.Tensor) -
 
 
 def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
-    # the plain merge of the same backend and launch config with negated scales forms exactly −Δ
-    launcher("merge", record.backend)(weight, record.lora_a, record.lora_b, [-s for s in record.scales], record.config)
+    if record.dora_factor is not None:  # DoRA: round(W'/g − s·B·A), as the merge's check computed it
+        launcher("merge_dora", record.backend)(weight, record.lora_a[0], record.lora_b[0], record.scales[0],
+                                               record.dora_factor, True)
+    else:
+        # the plain merge of the same backend and launch config with negated scales forms exactly −Δ
+        launcher("merge", record.backend)(weight, record.lora_a, record.lora_b, [-s for s in record.scales], record.config)
     mark_written(weight)
     if record.n_repairs:
         K = weight.shape[1]

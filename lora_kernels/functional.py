@@ -228,7 +228,44 @@ def merge_inputs(weight, lora_a: TensorOrList, lora_b: TensorOrList, scale):
     return lora_a, lora_b, check_merge(weight, lora_a, lora_b, scales)
 
 
-def _merge(weight, lora_a, lora_b, scale, sign: float, backend):
+def dora_merge_inputs(weight, lora_a, lora_b, scale, magnitude, weight_norm, op: str):
+    """Validate a DoRA (un)merge and form its row factor: (A, B, scale, g) with g = m / ‖W0 + s·B·A‖ [N] fp32
+    (fp64 for an fp64 weight), the norm computed from ``weight`` (the unmerged W0) when ``weight_norm`` is None."""
+    from .dora import dora_weight_norm
+    from .ops.merge import check_dora_merge
+
+    lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
+    if magnitude is None:
+        raise LoRAInputError(f"lora_kernels.{op}: weight_norm is only used with magnitude (DoRA)")
+    check_dora_merge(weight, lora_a, lora_b, magnitude, weight_norm, op)
+    a, b = lora_a[0].detach(), lora_b[0].detach()
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        if weight_norm is None:
+            weight_norm = dora_weight_norm(weight.detach(), a, b, scales[0])
+            if not bool((weight_norm > 0).all()):
+                raise LoRAInputError(f"lora_kernels.{op}: ‖W0 + s·B·A‖ is 0 in some row (g = m / 0 is not finite)")
+        g = magnitude.detach().to(acc) / weight_norm.detach().to(acc)
+    return a, b, scales[0], g
+
+
+def _merge_dora(weight, lora_a, lora_b, scale, magnitude, weight_norm, inverse: bool, backend):
+    op = "unmerge_" if inverse else "merge_"
+    if inverse and weight_norm is None:
+        raise LoRAInputError(
+            f"lora_kernels.{op}: a DoRA unmerge needs weight_norm, the ‖W0 + s·B·A‖ the merge used (a merged W no longer "
+            "gives it): compute it with lora_kernels.dora.dora_weight_norm(W0, A, B, s) before merging and pass it to "
+            "both (or use merge_exact_ / unmerge_exact_, whose record keeps it)")
+    a, b, s, g = dora_merge_inputs(weight, lora_a, lora_b, scale, magnitude, weight_norm, op)
+    be = resolve_backend("merge_dora", weight, a, b, backend=backend)
+    with torch.no_grad():
+        _ops.merge_dora_(weight, a, b, s, g, inverse, be)
+    return weight
+
+
+def _merge(weight, lora_a, lora_b, scale, sign: float, backend, magnitude=None, weight_norm=None):
+    if magnitude is not None or weight_norm is not None:
+        return _merge_dora(weight, lora_a, lora_b, scale, magnitude, weight_norm, sign < 0, backend)
     lora_a, lora_b, scales = merge_inputs(weight, lora_a, lora_b, scale)
     be = resolve_backend("merge", weight, *lora_a, *lora_b, backend=backend)
     with torch.no_grad():
@@ -243,13 +280,19 @@ def merge_(
     scale: Union[float, Sequence[float]],
     *,
     backend: Optional[str] = None,
+    magnitude: Optional[torch.Tensor] = None,
+    weight_norm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """In place: ``W ← round(W + Σᵢ sᵢ·Bᵢ·Aᵢ)``, the update accumulated in fp32 and rounded once.
 
     weight [N, K]; lora_a [r, K] or a list of [rᵢ, K]; lora_b [N, r] or a list of [N, rᵢ]; scale a float
     (shared) or one per adapter. Every input is checked before W is touched; returns weight.
+
+    DoRA (``magnitude`` m [N], one adapter): ``W ← round(g⊙(W + s·B·A))`` row-wise, PEFT's merge, with
+    ``g = m / weight_norm`` and ``weight_norm = ‖W + s·B·A‖_row`` of the unmerged W (computed here without the N×K
+    sum when not given). Keep that norm: :func:`unmerge_` needs it. Torch backend (any device).
     """
-    return _merge(weight, lora_a, lora_b, scale, 1.0, backend)
+    return _merge(weight, lora_a, lora_b, scale, 1.0, backend, magnitude, weight_norm)
 
 
 def unmerge_(
@@ -259,9 +302,14 @@ def unmerge_(
     scale: Union[float, Sequence[float]],
     *,
     backend: Optional[str] = None,
+    magnitude: Optional[torch.Tensor] = None,
+    weight_norm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """In place: ``W ← round(W − Σᵢ sᵢ·Bᵢ·Aᵢ)``; the inverse of :func:`merge_` up to rounding."""
-    return _merge(weight, lora_a, lora_b, scale, -1.0, backend)
+    """In place: ``W ← round(W − Σᵢ sᵢ·Bᵢ·Aᵢ)``; the inverse of :func:`merge_` up to rounding.
+
+    DoRA (``magnitude``): ``W ← round(W/g − s·B·A)`` with ``g = magnitude / weight_norm``, ``weight_norm`` (required)
+    being the norm the merge used (``lora_kernels.dora.dora_weight_norm`` of the unmerged W0)."""
+    return _merge(weight, lora_a, lora_b, scale, -1.0, backend, magnitude, weight_norm)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -313,6 +313,37 @@ def merge_delta_ref(
     return delta
 
 
+__all__ += ["dora_merge_ref", "dora_unmerge_ref"]
+
+
+def dora_merge_ref(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                   factor: torch.Tensor) -> torch.Tensor:
+    """In-place DoRA merge (PEFT's ``DoraLinearVariant.merge``): ``W ← round(g ⊙ (W + s·B·A))`` row by row.
+
+    Shapes: weight W0 [N, K]; lora_a [r, K]; lora_b [N, r]; factor g [N] = m / ‖W0 + s·B·A‖_row (computed from the
+    UNMERGED W0). Accumulated in fp32 (fp64 for fp64 weight or factor), rounded once. Returns weight::
+
+        W[n, :] = round(g[n] * (W[n, :] + s * B[n, :] @ A))
+    """
+    acc = torch.float64 if torch.float64 in (weight.dtype, factor.dtype) else compute_dtype(weight.dtype)
+    delta = float(scale) * (lora_b.to(acc) @ lora_a.to(acc))
+    weight.copy_((factor.to(acc)[:, None] * (weight.to(acc) + delta)).to(weight.dtype))
+    return weight
+
+
+def dora_unmerge_ref(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                     factor: torch.Tensor) -> torch.Tensor:
+    """In-place DoRA unmerge (PEFT's ``DoraLinearVariant.unmerge``), the inverse of :func:`dora_merge_ref` up to
+    rounding, with the SAME g the merge used (from the unmerged W0; a merged W cannot give it back)::
+
+        W[n, :] = round(W[n, :] / g[n] - s * B[n, :] @ A)
+    """
+    acc = torch.float64 if torch.float64 in (weight.dtype, factor.dtype) else compute_dtype(weight.dtype)
+    delta = float(scale) * (lora_b.to(acc) @ lora_a.to(acc))
+    weight.copy_((weight.to(acc) / factor.to(acc)[:, None] - delta).to(weight.dtype))
+    return weight
+
+
 __all__ += ["dora_weight_norm_ref"]
 
 

@@ -388,3 +388,124 @@ def test_slots_dora_subset_of_slices_equal_peft(tmp_path):
         slots.apply(y, x, ids, backend="torch", bias=torch.cat([m.bias for m in layers]))
     assert_close_rel(y, exp, TOL[torch.float32], "q/v DoRA, k untouched")
     assert torch.equal(y[:, 32:48], exp[:, 32:48])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DoRA merge / unmerge and the exact pair
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _merge_case(N=37, K=29, r=5, dtype=torch.float32, seed=8, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=gen) * 0.05
+    A = torch.randn(r, K, generator=gen) / math.sqrt(K)
+    B = torch.randn(N, r, generator=gen) * 0.05
+    s = 1.7
+    m = dora_weight_norm_ref(W, A, B, s).float() * (1 + 0.3 * torch.randn(N, generator=gen))
+    W = W.to(dtype)
+    if strided:  # a transposed view: any strides
+        W = W.t().contiguous().t()
+    return W, A.to(dtype), B.to(dtype), s, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dora_merge_unmerge_vs_reference(dtype):
+    """merge_(magnitude=) = g⊙(W0 + s·B·A) with g = m / ‖W0 + s·B·A‖ from the unmerged W0 (float64 oracle);
+    unmerge_ with the same norm gives W0 back within rounding."""
+    for strided in (False, True):
+        W0, A, B, s, m = _merge_case(dtype=dtype, strided=strided)
+        d = torch.float64
+        norm64 = dora_weight_norm_ref(W0, A, B, s)
+        exp = (m.double() / norm64)[:, None] * (W0.to(d) + s * B.to(d) @ A.to(d))
+        W = W0.clone()
+        norm = dora_weight_norm(W, A, B, s)
+        out = lora_kernels.merge_(W, A, B, s, magnitude=m)
+        assert out is W and W.stride() == W0.stride()
+        assert_close_rel(W, exp, TOL[dtype], f"merge {dtype}")
+        W2 = W0.clone()
+        lora_kernels.merge_(W2, A, B, s, magnitude=m, weight_norm=norm)  # the norm given: the same result
+        assert torch.equal(W, W2)
+        lora_kernels.unmerge_(W, A, B, s, magnitude=m, weight_norm=norm)
+        assert_close_rel(W, W0, TOL[dtype] if dtype != torch.float32 else 1e-6, f"unmerge {dtype}")
+
+
+def test_dora_merge_equals_peft_merge():
+    """A PEFT DoRA nn.Linear merged by PEFT (merge_safe) equals our merge_ with its magnitude (fp32), and the
+    merged layer's output equals the unmerged DoRA output."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(9)
+    base = torch.nn.Sequential(torch.nn.Linear(23, 19))
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["0"], use_dora=True)).eval()
+    lay = pm.base_model.model[0]
+    with torch.no_grad():
+        lay.lora_B["default"].weight.normal_(0, 0.2)
+        lay.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn(19))
+    x = torch.randn(6, 23)
+    with torch.no_grad():
+        y_dora = lay(x)
+        W = lay.base_layer.weight.detach().clone()
+        lora_kernels.merge_(W, lay.lora_A["default"].weight.detach(), lay.lora_B["default"].weight.detach(),
+                            lay.scaling["default"], magnitude=lay.lora_magnitude_vector["default"].weight.detach())
+        lay.merge(safe_merge=True)
+        assert_close_rel(W, lay.base_layer.weight, 1e-6, "merged W vs PEFT")
+        assert_close_rel(torch.nn.functional.linear(x, W, lay.base_layer.bias), y_dora, 1e-5, "merged output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dora_exact_merge_round_trip_bit_exact(dtype):
+    from lora_kernels.exact_merge import merge_exact_, unmerge_exact_
+
+    for strided in (False, True):
+        W0, A, B, s, m = _merge_case(N=64, K=48, r=8, dtype=dtype, seed=10, strided=strided)
+        W = W0.clone()
+        rec = merge_exact_(W, A, B, s, magnitude=m)
+        W_plain = W0.clone()
+        lora_kernels.merge_(W_plain, A, B, s, magnitude=m)
+        assert torch.equal(W, W_plain), "the exact merge writes what merge_ writes"
+        assert rec.dora_factor is not None and rec.backend == "torch"
+        plain_back = W.clone()
+        lora_kernels.unmerge_(plain_back, A, B, s, magnitude=m, weight_norm=dora_weight_norm(W0, A, B, s))
+        unmerge_exact_(W, rec)
+        assert torch.equal(W.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           W0.view(torch.int16 if dtype != torch.float32 else torch.int32)), f"{dtype} not bit-exact"
+        if dtype != torch.float32:  # the plain round trip loses bits in 16-bit: the repair list is not idle
+            assert rec.n_repairs > 0 and not torch.equal(plain_back, W0)
+
+
+def test_dora_merge_bad_input_leaves_weight_untouched():
+    from lora_kernels.exact_merge import merge_exact_
+
+    W0, A, B, s, m = _merge_case()
+    W = W0.clone()
+    nan_m = m.clone()
+    nan_m[3] = float("nan")
+    zero_norm = torch.ones(37)
+    zero_norm[5] = 0.0
+    cases = [
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m[:36]), r"magnitude must be \[N=37\]"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m[None]), r"magnitude must be \[N=37\]"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m.to(torch.int32)), "magnitude"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=nan_m), "magnitude must be finite"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m, weight_norm=zero_norm), "weight_norm must be > 0"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m, weight_norm=m[:3]), r"weight_norm must be \[N=37\]"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m.to("meta")), "magnitude is on meta"),
+        (lambda: lora_kernels.merge_(W, A, B, s, weight_norm=m), "weight_norm is only used with magnitude"),
+        (lambda: lora_kernels.merge_(W, [A, A], [B, B], s, magnitude=m), "takes one adapter"),
+        (lambda: lora_kernels.merge_(W, A, B[:, :4], s, magnitude=m), "rank mismatch"),
+        (lambda: lora_kernels.merge_(W, A, B, float("nan"), magnitude=m), "scale"),
+        (lambda: lora_kernels.unmerge_(W, A, B, s, magnitude=m), "needs weight_norm"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=m, backend="triton"), "no kernel for merge_dora"),
+        (lambda: merge_exact_(W, A, B, s, magnitude=nan_m), "magnitude must be finite"),
+        (lambda: lora_kernels.merge_(W, A, B, s, magnitude=W[:, 0]), "shares memory with weight"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises((LoRAInputError, lora_kernels.BackendUnavailableError), match=msg):
+            fn()
+        assert torch.equal(W.view(torch.int32), W0.view(torch.int32)), msg
+
+
+def test_dora_merge_opcheck():
+    W0, A, B, s, m = _merge_case(N=9, K=7, r=2)
+    g = m / dora_weight_norm(W0, A, B, s)
+    for inverse in (False, True):
+        torch.library.opcheck(torch.ops.lora_kernels.merge_dora_.default, (W0.clone(), A, B, s, g, inverse, "torch"))

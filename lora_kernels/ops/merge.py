@@ -33,6 +33,10 @@ define([
     "cuda_merge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor rank_starts, Tensor scales, "
     "Tensor(b!) counters, Tensor(c!) repair_index, Tensor(d!) repair_bits, Tensor(e!) overflow_tiles, "
     "Tensor? tile_ids) -> ()",
+    # DoRA: weight <- round(g ⊙ (weight + scale·lora_b·lora_a)) row-wise, or with inverse=True
+    # weight <- round(weight / g - scale·lora_b·lora_a); g [N] fp32 (fp64) = m / ‖W0 + s·B·A‖ of the unmerged W0
+    "merge_dora_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, Tensor factor, bool inverse, "
+    "str backend) -> ()",
 ])
 
 add_rows(
@@ -45,6 +49,17 @@ add_rows(
         ("merge_exact", "cuda"): "lora_kernels.cuda.merge:merge_exact_cuda",
     },
     public={"merge": ("merge",), "merge_exact": ("merge", "merge_exact")},
+)
+
+# DoRA merge (row-scaled, one adapter): torch only, on every device (a one-off per layer, memory-bound; the fused
+# merge kernels have no row scale). Launchers: ``merge_dora(weight, a, b, scale, factor, inverse)`` and
+# ``merge_dora_exact(weight, a, b, scale, factor) -> (repair_index, repair_bits, n_new_nonfinite, None)``.
+add_rows(
+    {
+        ("merge_dora", "torch"): "lora_kernels.torch.merge:merge_dora_torch",
+        ("merge_dora_exact", "torch"): "lora_kernels.torch.merge:merge_dora_exact_torch",
+    },
+    public={"merge_dora": ("merge_dora",), "merge_dora_exact": ("merge_dora", "merge_dora_exact")},
 )
 
 
@@ -86,6 +101,43 @@ def check_merge(
                          "pass a copy (.clone())")
         out.append(check_scale(OP, s))
     return out
+
+
+def check_dora_merge(weight, lora_a, lora_b, magnitude, weight_norm, op: str = OP) -> None:
+    """The DoRA parts of a merge's inputs (after :func:`check_merge`): one adapter, m [N] and (if given) the norm
+    ‖W0 + s·B·A‖ [N], floating, finite, on weight's device; the norm also > 0 (g = m / norm must be finite)."""
+    if len(lora_a) != 1:
+        fail(op, f"a DoRA merge (magnitude given) takes one adapter, got {len(lora_a)} (merge them one by one)")
+    N = weight.shape[0]
+    for name, t in (("magnitude", magnitude), ("weight_norm", weight_norm)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            fail(op, f"{name} must be a torch.Tensor [N={N}], got {type(t).__name__}")
+        check_float(op, name, t)
+        if t.dim() != 1 or t.shape[0] != N:
+            fail(op, f"{name} must be [N={N}] (one value per output row of weight), got shape {shape_str(t)}")
+        if t.device != weight.device:
+            fail(op, f"{name} is on {t.device} but weight is on {weight.device}")
+        if memory_overlaps(weight, t):
+            fail(op, f"{name} shares memory with weight (it is read while weight is written in place); pass a copy")
+        if not bool(torch.isfinite(t).all()):
+            fail(op, f"{name} must be finite")
+    if weight_norm is not None and not bool((weight_norm > 0).all()):
+        fail(op, "weight_norm must be > 0 in every row (g = magnitude / weight_norm)")
+
+
+def _merge_dora_(weight, lora_a, lora_b, scale, factor, inverse, backend):
+    launcher("merge_dora", backend)(weight, lora_a, lora_b, scale, factor, inverse)
+    mark_written(weight)
+
+
+impl_all_devices("merge_dora_", _merge_dora_)
+
+
+@torch.library.register_fake("lora_kernels::merge_dora_", lib=lib)
+def _merge_dora_fake(weight, lora_a, lora_b, scale, factor, inverse, backend):
+    return None
 
 
 def _merge_(weight, lora_a, lora_b, scales, backend):
