@@ -171,10 +171,11 @@ def _parse(path: str):
             raise ValueError(f"read_peft_adapter({path!r}): module {mpath!r} has only {sorted(ab)}")
         a, b = ab["lora_A"], ab["lora_B"]
         r, _, scale = peft_scale(config, mpath)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        conv = a.dim() == 4 and b.dim() == 4 and tuple(b.shape[2:]) == (1, 1)  # Conv2d: [r, C, kh, kw], [N, r, 1, 1]
+        if (not conv and (a.dim() != 2 or b.dim() != 2)) or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"read_peft_adapter({path!r}): module {mpath!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                "are not [r, K] and [N, r]"
+                "are not [r, K] and [N, r] (or a Conv2d's [r, C_in, kh, kw] and [C_out, r, 1, 1])"
             )
         if a.shape[0] != r:
             raise ValueError(
@@ -194,9 +195,58 @@ def _parse(path: str):
 
 def _lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
     """LoRALinear and LoRAEmbedding modules by path (a LoRAEmbedding exposes its A / B as lora_A / lora_B too)."""
+    from .conv import LoRAConv2d
     from .embedding import LoRAEmbedding
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAConv2d))}
+
+
+class _AdapterView:
+    """A named adapter of a LoRALinear (not its primary one) seen under the single-adapter names this module uses
+    (``lora_A``, ``lora_B``, ``r``, ``alpha``, ``scale``, ``dropout``, ``use_rslora``); the rest is the layer's."""
+
+    _CFG = ("r", "alpha", "scale", "dropout", "use_rslora")
+
+    @classmethod
+    def of(cls, layer, name):
+        if name == layer.primary_adapter:
+            return layer
+        view = object.__new__(cls)
+        object.__setattr__(view, "_layer", layer)
+        object.__setattr__(view, "_name", name)
+        return view
+
+    def __getattr__(self, k):
+        if k in ("lora_A", "lora_B"):
+            return self._layer.adapter_weights(self._name)[k == "lora_B"]
+        if k in self._CFG:
+            return getattr(self._layer.adapter_config(self._name), k)
+        return getattr(self._layer, k)
+
+    def __setattr__(self, k, v):
+        if k not in self._CFG:
+            raise AttributeError(f"_AdapterView: cannot set {k!r}")
+        setattr(self._layer.adapter_config(self._name), k, v)
+
+
+def _named_targets(mods, adapters, config, name, where):
+    """``{path: view of adapter name}`` for load_peft_adapter_(adapter_name=name); adds the adapter (file's r, alpha,
+    dropout, rsLoRA) to targeted layers lacking it, after checking every one can take it."""
+    add = []
+    for p, (a, b, _) in adapters.items():
+        m = mods.get(p)
+        if m is None or not hasattr(m, "adapter_names"):
+            continue  # reported as unexpected below (or a LoRAEmbedding: no named adapters)
+        if name not in m.adapter_names:
+            if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+                raise ValueError(f"{where}: module {p!r}: adapter lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
+                                 f"not fit in={m.in_features} / out={m.out_features}")
+            add.append((p, m))
+    for p, m in add:
+        r, alpha, _ = peft_scale(config, p)
+        m.add_adapter(name, r, alpha, dropout=float(config.get("lora_dropout") or 0.0),
+                      use_rslora=bool(config.get("use_rslora", False)), lora_dtype=m.lora_A.dtype)
+    return {p: _AdapterView.of(m, name) for p, m in mods.items() if name in getattr(m, "adapter_names", ())}
 
 
 def _most_common(values):
@@ -211,6 +261,7 @@ def save_peft_adapter(
     *,
     save_biases: bool = False,
     modules_to_save: Optional[Sequence[str]] = None,
+    adapter_name: Optional[str] = None,
 ) -> dict:
     """Save the :class:`LoRALinear` adapters of ``model`` as a PEFT LoRA adapter directory.
 
@@ -225,11 +276,20 @@ def save_peft_adapter(
     in PEFT's layout: every entry of their state dict as ``base_model.model.<module path>.<name>`` (PEFT strips its
     ``modules_to_save.default.`` wrapper when saving) and the names in the config's ``modules_to_save``; a module is
     selected when its path ends with a name (PEFT's rule).
+
+    ``adapter_name``: save that named adapter (:mod:`lora_kernels.named_adapters`) of the LoRALinear layers that have
+    it, as its own PEFT adapter (PEFT's ``save_pretrained`` puts a non-default adapter in ``<path>/<name>``); default:
+    each layer's primary adapter (``lora_A`` / ``lora_B``).
     """
     mods = _lora_modules(model)
+    if adapter_name is not None:
+        mods = {p: _AdapterView.of(m, adapter_name) for p, m in mods.items()
+                if adapter_name in getattr(m, "adapter_names", ())}
+        if not mods:
+            raise ValueError(f"save_peft_adapter: no LoRALinear layer has an adapter named {adapter_name!r}")
     from .moe import peft_moe_entries  # MoE expert LoRA (target_parameters / per-expert keys): lora_kernels/moe.py
 
-    moe_tensors, moe_params, moe_modules, moe_cfg = peft_moe_entries(model)
+    moe_tensors, moe_params, moe_modules, moe_cfg = peft_moe_entries(model) if adapter_name is None else ({}, [], [], {})
     if not mods and not moe_tensors:
         raise ValueError("save_peft_adapter: the model has no LoRALinear modules (use lora_kernels.inject_lora first)")
     cfgs = {p: (m.r, m.alpha, m.use_rslora) for p, m in mods.items()}
@@ -299,7 +359,8 @@ def save_peft_adapter(
 
 
 @torch.no_grad()
-def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adopt_scale: bool = False) -> nn.Module:
+def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adopt_scale: bool = False,
+                       adapter_name: Optional[str] = None) -> nn.Module:
     """Load a PEFT-saved LoRA adapter into the :class:`LoRALinear` modules of ``model``, in place.
 
     Each ``<module path>`` of the adapter must be a LoRALinear of ``model`` with the same rank and the same
@@ -308,6 +369,9 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     which case the module's alpha / use_rslora / scale are set from the file. Biases saved by PEFT with
     ``bias="all"`` or ``"lora_only"`` are copied into the matching parameters. Refuses merged modules.
     Tensors are copied into the existing parameters (so optimizers keep working), cast to their dtype/device.
+    ``adapter_name`` (PEFT's ``load_adapter(path, adapter_name)``): load into that named adapter
+    (:mod:`lora_kernels.named_adapters`), added with the file's rank / alpha / dropout / rsLoRA to the LoRALinear
+    layers the file targets that do not have it yet (not activated); ``strict`` then concerns the layers having it.
     Returns ``model``.
     """
     config, adapters, other = _parse(path)
@@ -318,8 +382,10 @@ def load_peft_adapter_(model: nn.Module, path: str, *, strict: bool = True, adop
     from .moe import plan_peft_moe_load  # MoE expert LoRA: lora_kernels/moe.py
 
     adapters, load_moe = plan_peft_moe_load(
-        model, config, {k: v for k, v in adapters.items() if v[0].dim() == 2},
+        model, config, {k: v for k, v in adapters.items() if v[0].dim() != 3},  # 2-D, or a Conv2d's 4-D
         {k: v for k, v in adapters.items() if v[0].dim() == 3}, strict=strict, adopt_scale=adopt_scale, where=where)
+    if adapter_name is not None:  # into a named adapter, created where the file targets a layer that lacks it
+        mods = _named_targets(mods, adapters, config, adapter_name, where)
     unexpected = sorted(set(adapters) - set(mods))
     missing = sorted(set(mods) - set(adapters))
     if unexpected:

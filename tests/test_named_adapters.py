@@ -558,3 +558,44 @@ def test_lora_state_dict_has_named_adapters_and_modules_to_save():
     fresh.load_state_dict(lk.lora_state_dict(model), strict=False)
     assert torch.equal(fresh.q_proj.lora_A_named["b"], model.q_proj.lora_A_named["b"])
     assert torch.equal(fresh.head.weight, model.head.weight)
+
+
+def test_named_adapter_peft_files_both_ways(tmp_path):
+    """save_peft_adapter(adapter_name=...) / load_peft_adapter_(adapter_name=...) vs PEFT's save_pretrained (a
+    non-default adapter in <dir>/<name>) and load_adapter."""
+    from peft import PeftModel
+
+    pm, ours = _pair()
+    x = torch.randn(5, 20)
+    # PEFT -> ours: PEFT writes default at the root and b, c in sub-directories
+    pm.save_pretrained(str(tmp_path / "peft"))
+    torch.manual_seed(0)
+    fresh = lk.inject_lora(Net(), ["q_proj", "v_proj"], 4, 8, backend="torch")
+    with torch.no_grad():  # a different base: copy PEFT's base weights
+        for n in ("q_proj", "v_proj"):
+            getattr(fresh, n).weight.copy_(getattr(pm.base_model.model, n).base_layer.weight)
+            getattr(fresh, n).bias.copy_(getattr(pm.base_model.model, n).base_layer.bias)
+    lk.peft_io.load_peft_adapter_(fresh, str(tmp_path / "peft"))
+    lk.peft_io.load_peft_adapter_(fresh, str(tmp_path / "peft" / "b"), adapter_name="b")
+    lk.peft_io.load_peft_adapter_(fresh, str(tmp_path / "peft" / "c"), adapter_name="c")
+    assert fresh.q_proj.adapter_names == ("default", "b", "c") and fresh.v_proj.adapter_names == ("default", "b")
+    assert fresh.v_proj.adapter_config("b").r == 6 and fresh.q_proj.adapter_config("c").scale == 4.0
+    for names in (["b"], ["default", "b", "c"]):
+        pm.base_model.set_adapter(names)
+        lk.set_adapter(fresh, names)
+        assert_close_rel(fresh(x), pm(x), TOL[torch.float32], f"loaded {names}")
+    # ours -> PEFT: each named adapter saved on its own, loaded with PEFT's load_adapter
+    lk.peft_io.save_peft_adapter(ours, str(tmp_path / "ours"))
+    for n in ("b", "c"):
+        cfg = lk.peft_io.save_peft_adapter(ours, str(tmp_path / "ours" / n), adapter_name=n)
+        assert cfg["target_modules"] == (["q_proj", "v_proj"] if n == "b" else ["q_proj"])
+    torch.manual_seed(0)
+    back = PeftModel.from_pretrained(Net(), str(tmp_path / "ours"))  # _pair's base (same seed)
+    back.load_adapter(str(tmp_path / "ours" / "b"), "b")
+    back.load_adapter(str(tmp_path / "ours" / "c"), "c")
+    for names in (["c"], ["default", "b", "c"]):
+        back.base_model.set_adapter(names)
+        lk.set_adapter(ours, names)
+        assert_close_rel(back(x), ours(x), TOL[torch.float32], f"PEFT loaded our {names}")
+    with pytest.raises(ValueError, match="no LoRALinear layer has an adapter named 'zz'"):
+        lk.peft_io.save_peft_adapter(ours, str(tmp_path / "z"), adapter_name="zz")
