@@ -13,6 +13,7 @@ from .functional import *  # noqa: F401,F403  (the functional API: every name in
 from .exact_merge import MergeOverflowError, MergeRecord, merge_exact_, unmerge_exact_
 from .modules import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from .embedding import LoRAEmbedding
+from .conv import LoRAConv2d
 from .named_adapters import (add_adapter, add_weighted_adapter, delete_adapter, disable_adapters, enable_adapters,
                              set_adapter)
 from .unload import merge_and_unload, unload
@@ -24,6 +25,7 @@ __all__ = [
     *_functional.__all__,
     "LoRALinear",
     "LoRAEmbedding",
+    "LoRAConv2d",
     "inject_lora",
     "mark_only_lora_as_trainable",
     "add_adapter",

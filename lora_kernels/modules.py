@@ -225,9 +225,11 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 def unsupported_base(who: str, module: nn.Module, name: Optional[str] = None) -> str:
     """The error message for a module LoRA cannot wrap (convolutions named as such)."""
     what = f"module {name!r} ({type(module).__name__})" if name is not None else type(module).__name__
+    if isinstance(module, nn.Conv2d) and who == "LoRALinear":
+        return f"{who}: {what} is a 2-D convolution; use lora_kernels.LoRAConv2d (inject_lora picks it)"
     if isinstance(module, _CONV):
-        return (f"{who}: {what} is a convolution; LoRA on convolutions is not supported (targets: nn.Linear, "
-                "transformers Conv1D, nn.Embedding)")
+        return (f"{who}: {what}: LoRA on this convolution is not supported (targets: nn.Linear, transformers Conv1D, "
+                "nn.Embedding, nn.Conv2d)")
     return f"{who}: wraps an nn.Linear or a transformers Conv1D, got {what}"
 
 
@@ -250,8 +252,10 @@ def inject_lora(
     modules_to_save: Optional[Iterable[str]] = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (or transformers ``Conv1D``) whose qualified name matches with a :class:`LoRALinear`,
-    and every ``nn.Embedding`` with a :class:`lora_kernels.LoRAEmbedding`, in place. A matched convolution raises
-    TypeError (not supported); a target whose weight is tied to another parameter (a tied lm_head) gets a warning.
+    every ``nn.Embedding`` with a :class:`lora_kernels.LoRAEmbedding` and every ``nn.Conv2d`` with a
+    :class:`lora_kernels.LoRAConv2d`, in place. Another matched convolution (Conv1d/3d, transposed, a Conv2d with
+    groups / dilation) raises TypeError; a target whose weight is tied to another parameter (a tied lm_head) gets a
+    warning.
 
     Quantised bases (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, float8) get a ``LoRAQuantLinear``;
     ``lora_dtype`` is the adapters' dtype (default: the base's, or its compute dtype when quantised).
@@ -268,13 +272,19 @@ def inject_lora(
     from .moe import inject_moe_lora  # MoE experts (3-D expert parameters, nn.ModuleList experts): lora_kernels/moe.py
 
     moe_hits = inject_moe_lora(model, target_modules, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
+    from .conv import LoRAConv2d  # nn.Conv2d targets: lora_kernels/conv.py
     from .embedding import LoRAEmbedding  # nn.Embedding targets: lora_kernels/embedding.py
 
     hits = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (LoRALinear, LoRAQuantLinear, LoRAEmbedding)) or not _matches(name, target_modules):
+        if isinstance(mod, (LoRALinear, LoRAQuantLinear, LoRAEmbedding, LoRAConv2d)) or not _matches(name, target_modules):
             continue
         if isinstance(mod, (nn.Linear, nn.Embedding)) or is_conv1d(mod):
+            hits.append((name, mod))
+        elif isinstance(mod, nn.Conv2d) and not isinstance(mod, LoRAConv2d):
+            why = LoRAConv2d.unsupported(mod)
+            if why:
+                raise TypeError(f"inject_lora: module {name!r} (Conv2d): {why}")
             hits.append((name, mod))
         elif isinstance(mod, _CONV):
             raise TypeError(unsupported_base("inject_lora", mod, name))
@@ -290,7 +300,7 @@ def inject_lora(
     for name, mod in hits:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        cls = LoRAEmbedding if isinstance(mod, nn.Embedding) else LoRALinear
+        cls = LoRAEmbedding if isinstance(mod, nn.Embedding) else LoRAConv2d if isinstance(mod, nn.Conv2d) else LoRALinear
         layer = cls(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
         own = f"{name}.weight"
         layer.tied_to = tuple(n for n in names_of.get(id(mod.weight), ()) if n != own)

@@ -345,11 +345,93 @@ def test_lora_embedding_module_rejects_what_it_cannot_do():
 
 
 def test_inject_lora_refuses_convolutions_by_name():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4))
-    with pytest.raises(TypeError, match=r"module '0' \(Conv2d\) is a convolution; LoRA on convolutions is not supported"):
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, dilation=2))
+    with pytest.raises(TypeError, match=r"module '0' \(Conv1d\): LoRA on this convolution is not supported"):
         lk.inject_lora(model, ["0"], r=2, alpha=2)
-    with pytest.raises(TypeError, match="is a convolution"):
+    with pytest.raises(TypeError, match=r"module '1' \(Conv2d\): supports groups=1.*got groups=2"):
+        lk.inject_lora(model, ["1"], r=2, alpha=2)
+    with pytest.raises(TypeError, match=r"module '2' \(Conv2d\): .*dilation=\(2, 2\)"):
+        lk.inject_lora(model, ["2"], r=2, alpha=2)
+    assert isinstance(model[1], nn.Conv2d), "a refused injection leaves the model as it was"
+    with pytest.raises(TypeError, match="is a 2-D convolution; use lora_kernels.LoRAConv2d"):
         lk.LoRALinear(nn.Conv2d(3, 4, 1), 2, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# nn.Conv2d: LoRAConv2d (a conv pair: A with the base's kernel/stride/padding, B 1x1)
+# ------------------------------------------------------------------------------------------------
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, (3, 2), stride=2, bias=False)
+        self.conv3 = nn.Conv2d(6, 5, 1)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        h = self.conv3(h).mean((2, 3))
+        return self.head(h)
+
+
+def test_lora_conv2d_vs_float64_and_exact_merge():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 7, (3, 2), stride=(2, 1), padding=1)
+    layer = lk.LoRAConv2d(conv, r=3, alpha=6)
+    assert layer.weight is conv.weight and layer.lora_A.shape == (3, 4, 3, 2) and layer.lora_B.shape == (7, 3, 1, 1)
+    x = torch.randn(2, 4, 9, 6, requires_grad=True)
+    assert torch.equal(layer(x), conv(x)), "B = 0: a fresh layer equals the base"
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    dy = torch.randn_like(conv(x))
+    y = layer(x)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    a64 = layer.lora_A.detach().double().requires_grad_(True)
+    b64 = layer.lora_B.detach().double().requires_grad_(True)
+    F = nn.functional
+    y64 = F.conv2d(x64, conv.weight.double(), conv.bias.double(), (2, 1), 1) + 2.0 * F.conv2d(
+        F.conv2d(x64, a64, None, (2, 1), 1), b64)
+    y64.backward(dy.double())
+    for got, exp, what in ((y, y64, "y"), (x.grad, x64.grad, "dx"), (layer.lora_A.grad, a64.grad, "dA"),
+                           (layer.lora_B.grad, b64.grad, "dB")):
+        assert_close_rel(got, exp, TOL[torch.float32], what)
+    for dtype in (torch.float32, torch.bfloat16):
+        c = nn.Conv2d(4, 7, 3, padding=1).to(dtype)
+        lc = lk.LoRAConv2d(c, r=2, alpha=2)
+        with torch.no_grad():
+            lc.lora_B.normal_()
+        w0 = c.weight.detach().clone()
+        xx = torch.randn(1, 4, 5, 5).to(dtype)
+        yy = lc(xx)
+        lc.merge()
+        assert_close_rel(lc(xx), yy, 1e-5 if dtype == torch.float32 else 2e-2, f"merged {dtype}")
+        lc.unmerge()
+        assert torch.equal(c.weight, w0), f"unmerge must restore the kernel bit for bit ({dtype})"
+
+
+def test_conv2d_vs_peft_outputs_grads_and_round_trips(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = ["conv1", "conv2", "conv3", "head"]
+    pm = get_peft_model(_ConvNet(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _randomise_peft_adapters(pm, seed=7)
+    ours, _ = _ours_from_peft(_ConvNet, targets, pm, 4, 8, tmp_path)
+    assert isinstance(ours.conv2, lk.LoRAConv2d) and isinstance(ours.head, lk.LoRALinear)
+    x = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(3))
+    y_peft, y_ours = pm(x), ours(x)
+    assert_close_rel(y_ours, y_peft, TOL[torch.float32], "outputs")
+    y_peft.square().mean().backward()
+    y_ours.square().mean().backward()
+    _compare_grads(ours, pm)
+    path = str(tmp_path / "ours")
+    peft_io.save_peft_adapter(ours, path)
+    pm2 = PeftModel.from_pretrained(_ConvNet(), path)
+    assert_close_rel(pm2(x), y_ours, TOL[torch.float32], "ours saved -> PEFT loaded")
 
 
 # ------------------------------------------------------------------------------------------------
