@@ -17,7 +17,7 @@ from torch import nn
 
 from ._checks import LoRAInputError
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
-from .functional import unmerge_
+from .functional import merge_, unmerge_
 from .reference import lora_scale
 
 __all__ = ["LoRAConv2d"]
@@ -59,6 +59,7 @@ class LoRAConv2d(nn.Module):
         if not math.isfinite(float(alpha)):
             raise ValueError(f"LoRAConv2d: alpha must be finite, got {alpha}")
         self.in_features, self.out_features = base.in_channels, base.out_channels
+        self.kernel_size = tuple(base.kernel_size)
         self.stride, self.padding = base.stride, base.padding
         self.weight = base.weight
         self.bias = base.bias
@@ -139,6 +140,23 @@ class LoRAConv2d(nn.Module):
             unmerge_(w, a, b, self.scale, backend=self.backend)
         self._merge_record = None
         self.merged = False
+
+    @torch.no_grad()
+    def unload_module(self, merge: bool) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding this layer's kernel and bias Parameters (the same objects), for
+        ``lora_kernels.merge_and_unload`` / ``unload``: with ``merge`` the adapter folded in (one rounding; a layer
+        already merged keeps its merged kernel), else the base kernel (an exact unmerge if merged)."""
+        if merge and not self.merged:
+            w, a, b = self._views()
+            merge_(w, a, b, self.scale, backend=self.backend)
+        elif not merge and self.merged:
+            self.unmerge()
+        self._merge_record = None
+        conv = nn.Conv2d(self.in_features, self.out_features, self.kernel_size, self.stride, self.padding,
+                         bias=self.bias is not None, device="meta")
+        conv.weight = self.weight
+        conv.bias = self.bias
+        return conv
 
     def train(self, mode: bool = True):
         super().train(mode)

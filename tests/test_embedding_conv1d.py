@@ -414,6 +414,28 @@ def test_lora_conv2d_vs_float64_and_exact_merge():
         assert torch.equal(c.weight, w0), f"unmerge must restore the kernel bit for bit ({dtype})"
 
 
+def test_conv2d_merge_and_unload_gives_plain_conv2d():
+    model = _ConvNet()
+    x = torch.randn(2, 3, 10, 8, generator=torch.Generator().manual_seed(4))
+    y0 = model(x)
+    lk.inject_lora(model, ["conv1", "conv2"], r=3, alpha=3)
+    with torch.no_grad():
+        for m in (model.conv1, model.conv2):
+            m.lora_B.normal_()
+    y = model(x)
+    w1 = model.conv1.weight
+    lk.merge_and_unload(model)
+    assert type(model.conv1) is nn.Conv2d and type(model.conv2) is nn.Conv2d and model.conv1.weight is w1
+    assert_close_rel(model(x), y, TOL[torch.float32], "merged and unloaded")
+    base = _ConvNet()
+    lk.inject_lora(base, ["conv2"], r=2, alpha=2)
+    with torch.no_grad():
+        base.conv2.lora_B.normal_()
+    base.conv2.merge()
+    lk.unload(base)
+    assert type(base.conv2) is nn.Conv2d and torch.equal(base(x), y0), "unload restores the base bit for bit"
+
+
 def test_conv2d_vs_peft_outputs_grads_and_round_trips(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
