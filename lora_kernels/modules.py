@@ -330,8 +330,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
             if name.endswith("bias"):
                 p.requires_grad_(True)
     elif bias == "lora_only":
+        from .conv import LoRAConv2d
+
         for m in model.modules():
-            if isinstance(m, (LoRALinear, LoRAQuantLinear)) and m.bias is not None:
+            if isinstance(m, (LoRALinear, LoRAQuantLinear, LoRAConv2d)) and m.bias is not None:
                 m.bias.requires_grad_(True)
     return model
 
@@ -392,5 +394,11 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
                     out[f"{pre}lora_B_named.{n}"] = m.lora_B_named[n].detach()
                 if m.bias is not None:  # a LoRAQuantLinear keeps its base (and the bias) as base_layer
                     out[pre + ("base_layer.bias" if isinstance(m, LoRAQuantLinear) else "bias")] = m.bias.detach()
+        from .conv import LoRAConv2d
+
+        out.update({k: v for k, v in sd.items() if "lora_" in k and k not in out})  # LoRAEmbedding, LoRAConv2d, ...
+        for name, m in model.named_modules():
+            if isinstance(m, LoRAConv2d) and m.bias is not None:
+                out[f"{name}.bias" if name else "bias"] = m.bias.detach()
         return out
     raise ValueError(f"lora_state_dict: bias must be 'none', 'all' or 'lora_only', got {bias!r}")

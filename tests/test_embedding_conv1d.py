@@ -673,3 +673,20 @@ def test_tied_lm_head_adapter_from_peft_loads(tmp_path):
         ours, _ = _ours_from_peft(lambda: _llama(tied=True), ["lm_head", "q_proj"], pm, 4, 8, tmp_path)
     ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(6))
     assert_close_rel(ours(ids).logits, pm(ids).logits, TOL[torch.float32], "tied lm_head logits")
+
+
+def test_lora_only_state_dict_and_trainable_cover_embedding_and_conv2d():
+    model = _llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lk.inject_lora(model, ["embed_tokens", "q_proj"], r=2, alpha=2)
+    sd = lk.lora_state_dict(model, bias="lora_only")
+    assert {"model.embed_tokens.lora_embedding_A", "model.embed_tokens.lora_embedding_B"} <= set(sd)
+    assert set(sd) == set(lk.lora_state_dict(model, bias="none"))  # no biases in this model
+    net = _ConvNet()
+    lk.inject_lora(net, ["conv1", "conv2"], r=2, alpha=2)
+    sd = lk.lora_state_dict(net, bias="lora_only")
+    assert {"conv1.lora_A", "conv1.lora_B", "conv1.bias", "conv2.lora_A", "conv2.lora_B"} <= set(sd)
+    assert "conv3.bias" not in sd and "head.bias" not in sd
+    lk.mark_only_lora_as_trainable(net, bias="lora_only")
+    assert net.conv1.bias.requires_grad and not net.conv3.bias.requires_grad and not net.conv1.weight.requires_grad
