@@ -295,9 +295,13 @@ def test_set_adapter_and_disable_match_peft(use_rslora):
             assert_close_rel(b.grad, pl.lora_B[ad].weight.grad, TOL[torch.float32], f"dB {name}.{ad}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
-def test_add_weighted_adapter_matches_peft(combination_type):
+def test_add_weighted_adapter_matches_peft(combination_type, dtype):
     pm, ours = _pair()
+    pm.to(dtype)
+    ours.to(dtype)
+    tol = TOL[dtype]
     adapters, weights = (["default", "c"], [0.7, -1.3]) if combination_type == "linear" else (["default", "b", "c"], [0.7, 1.5, -0.4])
     pm.add_weighted_adapter(adapters, weights, "mix", combination_type=combination_type)
     lk.add_weighted_adapter(ours, adapters, weights, "mix", combination_type=combination_type)
@@ -307,22 +311,24 @@ def test_add_weighted_adapter_matches_peft(combination_type):
         pa, pb = pl.lora_A["mix"].weight, pl.lora_B["mix"].weight
         assert ol.adapter_config("mix").scale == pl.scaling["mix"] == 1.0
         if combination_type == "svd":  # singular vectors are defined up to sign: compare ΔW
-            assert_close_rel(b @ a, pb @ pa, TOL[torch.float32], f"svd {name}")
+            assert_close_rel(b.double() @ a.double(), pb.double() @ pa.double(), tol, f"svd {name}")
         else:  # the same operations in the same order: bit-identical. PEFT sizes "cat" by the model's ranks and
             # zero-pads a layer lacking an adapter (v_proj has no "c"); we keep that layer's own rank.
             r = a.shape[0]
             assert torch.equal(a, pa[:r]) and torch.equal(b, pb[:, :r]), f"{combination_type} {name}"
             assert not pa[r:].any() and not pb[:, r:].any()
-    x = torch.randn(5, 20)
+    x = torch.randn(5, 20).to(dtype)
     pm.base_model.set_adapter("mix")
     lk.set_adapter(ours, "mix")
-    assert_close_rel(ours(x), pm(x), TOL[torch.float32], "mix forward")
+    if combination_type == "svd" and dtype != torch.float32:  # PEFT leaves its svd adapter in fp32 (.data = Vh)
+        pm.to(dtype)
+    assert_close_rel(ours(x), pm(x), tol, "mix forward")
     if combination_type == "cat":  # exact: Σ w_i·s_i·B_i·A_i, so equal to the weighted active adapters
         q = ours.q_proj
         want = sum(w * q.adapter_config(n).scale * q.adapter_weights(n)[1].double() @ q.adapter_weights(n)[0].double()
                    for n, w in zip(adapters, weights))
         a, b = q.adapter_weights("mix")
-        assert_close_rel(b.double() @ a.double(), want, 1e-6, "cat is exact")
+        assert_close_rel(b.double() @ a.double(), want, 1e-6 if dtype == torch.float32 else tol, "cat is exact")
 
 
 def test_model_level_add_adapter_requires_a_match():
