@@ -237,10 +237,11 @@ class NamedAdaptersMixin:
         if not cfgs and "lora_A_named" in self._modules:  # back to a single-adapter layer: its old state-dict keys
             del self.lora_A_named
             del self.lora_B_named
-        self._active = ()
         if not self.merged:
+            self._active = ()
             self.set_adapter(active or [self.adapter_names[0]])
-        else:
+        else:  # the deleted adapter was not merged, hence not active: the active (merged) ones stay
+            self._active = () if tuple(active) == (self.primary_adapter,) else tuple(active)
             self._update_fast()
 
     # -- enable / disable ---------------------------------------------------------------------------------------

@@ -155,7 +155,10 @@ def test_errors_are_clear():
     for call in (lambda: layer.set_adapter("c"), layer.disable_adapters, lambda: layer.delete_adapter("b")):
         with pytest.raises(RuntimeError, match="merged"):
             call()
+    layer.delete_adapter("c")  # not merged: allowed while merged, the merged (active) adapters stay
+    assert layer.active_adapters == ("default", "b") and layer.merged_adapters == ("default", "b")
     layer.unmerge()
+    assert layer.active_adapters == ("default", "b") and not layer._fast
     with layer.disable_adapters(), pytest.raises(RuntimeError, match="disabled"):
         layer.merge()
 
