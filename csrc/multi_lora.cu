@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kExpandThreads) multi_lora_expand_kernel(const
   if (n >= p.N) return;
   if (adapter < 0 || adapter >= p.num_adapters) return;  // no adapter: y untouched
   const int64_t rank = adapter_rank(p.ranks, p.ranks_type, adapter, p.r_max);
-  if (rank == 0) return;  // y + 0 rounds back to y
+  if (rank == 0 && p.g == nullptr) return;  // y + 0 rounds back to y (DoRA still rescales the row)
 
   const float* xa_row[kTokens];
 #pragma unroll
@@ -224,7 +224,13 @@ __global__ void __launch_bounds__(kExpandThreads) multi_lora_expand_kernel(const
         update = dropout_keep(dropout_row_hash(seed_hash, m), col, p.dropout.threshold) ? update * p.dropout.keep_scale : 0.0f;
       }
       TY* y = static_cast<TY*>(p.y) + m * p.y_stride_m + col * p.y_stride_n;
-      *y = from_float<TY>(to_float(*y) + update);
+      float v = to_float(*y) + update;
+      if (p.g != nullptr) {  // DoRA: g·(y + update) + (1 − g)·bias
+        const float gv = __ldg(p.g + adapter * p.g_stride_l + col);
+        v *= gv;
+        if (p.bias != nullptr) v += (1.0f - gv) * __ldg(p.bias + col);
+      }
+      *y = from_float<TY>(v);
     }
   }
 }
@@ -316,7 +322,7 @@ cudaError_t launch_multi_lora_shrink(const ShrinkArgs& p, cudaStream_t stream) {
 }
 
 cudaError_t launch_multi_lora_expand(const ExpandArgs& p, cudaStream_t stream) {
-  if (p.M <= 0 || p.N <= 0 || p.r_max <= 0) return cudaSuccess;
+  if (p.M <= 0 || p.N <= 0 || (p.r_max <= 0 && p.g == nullptr)) return cudaSuccess;
   if (!valid_dtype(p.y_dtype) || !valid_dtype(p.b_dtype) || p.M > kMaxGridX) return cudaErrorInvalidValue;
   const int64_t bs = dtype_size(p.b_dtype);
   const bool vec = p.b_stride_j == 1 && aligned16(p.b) && (p.b_stride_l * bs) % 16 == 0 && (p.b_stride_n * bs) % 16 == 0;

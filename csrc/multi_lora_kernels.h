@@ -51,6 +51,8 @@ struct ShrinkArgs {
 //   y[m, col_offset + n] = round(y[m, col_offset + n] + drop(scale_i · Σ_{j<rank_i} xa[m, j] · B[i, n, j]))
 // scale_i = scales[i] (fp32) or `scale` when scales is null; drop() is the seeded dropout at
 // (m, col_offset + n) (identity when disabled). One rounding: the sum is formed in fp32.
+// DoRA (g != null): y[m, c] = round(g[i, c] · (y[m, c] + update) + (1 − g[i, c]) · bias[c]) with c = col_offset + n,
+// bias[c] = 0 when bias is null; rows of a rank-0 adapter are rescaled too (g = 1 gives y + update bit for bit).
 struct ExpandArgs {
   void* y = nullptr;            // y[m, c] at y + m * y_stride_m + c * y_stride_n (any strides)
   DType y_dtype = DType::kFloat32;
@@ -72,6 +74,9 @@ struct ExpandArgs {
   int64_t M = 0, N = 0, r_max = 0, num_adapters = 0, col_offset = 0;
   DropoutArgs dropout;
   TokenTiles grouped;                 // optional tile table (see TokenTiles)
+  const float* g = nullptr;           // DoRA factors [L, >= col_offset + N] fp32 at g + i * g_stride_l + c, or null
+  int64_t g_stride_l = 0;
+  const float* bias = nullptr;        // [>= col_offset + N] fp32 (DoRA only), or null (zeros)
 };
 
 cudaError_t launch_multi_lora_shrink(const ShrinkArgs& args, cudaStream_t stream);

@@ -114,7 +114,8 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
                              const at::Tensor& adapter_ids_in, const at::Tensor& scales_in,
                              const std::optional<at::Tensor>& ranks_in, int64_t col_offset,
                              const std::optional<at::Tensor>& sorted_token_ids, const std::optional<at::Tensor>& tiles,
-                             int64_t block_m) {
+                             int64_t block_m, const std::optional<at::Tensor>& magnitudes,
+                             const std::optional<at::Tensor>& bias_in) {
   constexpr const char* op = "cuda_multi_lora_expand_";
   const at::Device device = y.device();
   glue::check_operands(device, op, {{y, "y", 2, "[M, N_total]"},
@@ -145,10 +146,35 @@ void cuda_multi_lora_expand_(const at::Tensor& y, const at::Tensor& xa_in, const
   const at::Tensor ranks = checked_ranks(ranks_in, device, L, op, p.ranks_type);
   at::Tensor keep[2];
   p.grouped = checked_tiles(sorted_token_ids, tiles, block_m, M, device, op, keep);
-  if (M == 0 || N == 0 || r_max == 0) return;
+  // DoRA: factors [L, >= col_offset + N] (any float dtype, read as fp32) and an optional bias [>= col_offset + N]
+  const bool dora = magnitudes.has_value() && magnitudes->defined();
+  TORCH_CHECK(dora || !(bias_in.has_value() && bias_in->defined()), "lora_kernels.", op,
+              ": bias is only read with magnitudes (DoRA)");
+  at::Tensor g, bias;
+  if (dora) {
+    glue::check_operands(device, op, {{*magnitudes, "magnitudes", 2, "[L, N_total]"}});
+    TORCH_CHECK(magnitudes->size(0) == L && magnitudes->size(1) >= col_offset + N && magnitudes->is_floating_point(),
+                "lora_kernels.", op, ": magnitudes must be a floating [L=", L, ", >= ", col_offset + N, "] tensor, got ",
+                magnitudes->sizes(), " ", magnitudes->scalar_type());
+    if (bias_in.has_value() && bias_in->defined()) {
+      glue::check_operands(device, op, {{*bias_in, "bias", 1, "[N_total]"}});
+      TORCH_CHECK(bias_in->size(0) >= col_offset + N && bias_in->is_floating_point(), "lora_kernels.", op,
+                  ": bias must be a floating [>= ", col_offset + N, "] tensor, got ", bias_in->sizes());
+    }
+  }
+  if (M == 0 || N == 0 || (r_max == 0 && !dora)) return;
   glue::check_grid(M, (N + 127) / 128, op);
 
   const glue::DeviceGuard guard(device);
+  if (dora) {
+    g = magnitudes->to(at::kFloat).contiguous();
+    p.g = g.data_ptr<float>();
+    p.g_stride_l = g.stride(0);
+    if (bias_in.has_value() && bias_in->defined()) {
+      bias = bias_in->to(at::kFloat).contiguous();
+      p.bias = bias.data_ptr<float>();
+    }
+  }
   const at::Tensor xa = glue::inner_contiguous(xa_in);
   // any strides (16-byte loads when the rank dim is contiguous and aligned)
   const at::Tensor lora_b = glue::weight_for(lora_b_in, y);

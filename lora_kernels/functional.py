@@ -201,8 +201,7 @@ def add_lora(
         meta: optional :class:`lora_kernels.serving.LoRABatchMeta` built from these adapter_ids (once per batch,
             shared by every layer); only accelerates the grouped (SGMV) path, never changes the result.
         magnitudes: DoRA factors, [L, N_total] fp32: ``g[i] = m_i / ‖W0 + s_i·B_i·A_i‖_row`` precomputed per adapter
-            (``AdapterSlots.load(..., magnitude=, base_weight=)`` does it; a plain adapter's row is all ones). The
-            cuda backend has no DoRA kernel (auto takes triton or torch).
+            (``AdapterSlots.load(..., magnitude=, base_weight=)`` does it; a plain adapter's row is all ones).
         bias: [N_total], the base layer's bias already in y (only with magnitudes; None = no bias).
     """
     lora_a, lora_b = _as_list(lora_a), _as_list(lora_b)

@@ -126,15 +126,52 @@ def test_add_lora_dora_rank0_everywhere():
         check(c, run(c, backend), f"{backend} r_max=0")
 
 
-def test_add_lora_dora_auto_backend_skips_cuda():
-    """The dispatch table has no DoRA row for the CUDA extension: auto never picks it, an explicit request says why."""
+def test_add_lora_dora_dispatch():
+    """Every backend has an add_lora_dora row (CUDA only needs CUDA tensors); fp64 factors are not for kernels."""
     from lora_kernels._backend import why_not
 
     c = make_case(4, 8, [6], 2, 4, torch.float32)
-    assert "cuda has no kernel for add_lora_dora" in why_not("cuda", "add_lora_dora", [c["x"]])
-    assert not any("no kernel" in r for r in why_not("triton", "add_lora_dora", [c["x"]]))
-    with pytest.raises(lora_kernels.BackendUnavailableError, match="cuda has no kernel for add_lora_dora"):
-        run(c, "cuda")
+    for be in ("torch", "triton", "cuda"):
+        assert not any("no kernel" in r for r in why_not(be, "add_lora_dora", [c["x"]])), be
+    assert any("CUDA tensors" in r for r in why_not("cuda", "add_lora_dora", [c["x"]]))
+    assert any("float64" in r for r in why_not("triton", "add_lora_dora", [c["x"], c["g"].double()]))
+
+
+def test_add_lora_dora_cuda_emulated():
+    """The CUDA extension's DoRA expand epilogue (csrc/multi_lora.cu, the GPU build's sources) on the CPU emulator of
+    tests/cuda_emu vs float64: fp32 / fp16 / bf16, mixed DoRA / plain (g = 1) / rank-0 / -1 rows, per-token and grouped
+    (LoRABatchMeta) launches, bias on and off, r_max = 0; plain rows bit-identical to the plain CUDA path."""
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("LORA_KERNELS_SKIP_EMULATOR") == "1":
+        pytest.skip("LORA_KERNELS_SKIP_EMULATOR=1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import build as emu_build
+
+    try:
+        emu_build.load()
+    except emu_build.EmulatorUnavailable as e:
+        pytest.skip(f"CUDA emulator unavailable: {e}")
+    from lora_kernels.cuda.multi_lora import add_lora_cuda
+
+    def run_cuda(c, groups=None, dora=True):
+        y = c["y"].clone()
+        kw = dict(magnitudes=c["g"], bias=c["bias"]) if dora else {}
+        add_lora_cuda(y, c["x"], c["A"], c["B"], c["ids"], c["scales"], c["ranks"], groups, **kw)
+        return y
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for with_bias in (True, False):
+            c = make_case(37, 40, WIDTHS, 5, 8, dtype, ranks=[8, 3, 0, 5, 8], plain=(1,), with_bias=with_bias, seed=11)
+            check(c, run_cuda(c), f"cuda {dtype} per token bias={with_bias}")
+        c = make_case(150, 33, [19, 14], 4, 16, dtype, ranks=[16, 7, 16, 1], plain=(2,), seed=12)
+        meta = LoRABatchMeta(c["ids"], 4, block_m=16)
+        check(c, run_cuda(c, meta.groups), f"cuda {dtype} grouped")
+        rows = c["ids"] == 2
+        assert torch.equal(run_cuda(c, meta.groups)[rows], run_cuda(c, meta.groups, dora=False)[rows]), dtype
+    c = make_case(9, 8, [6, 5], 2, 0, torch.float32, seed=13)
+    check(c, run_cuda(c), "cuda r_max=0")
 
 
 def test_add_lora_dora_fp64_magnitudes_torch():

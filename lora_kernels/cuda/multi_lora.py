@@ -12,17 +12,18 @@ import torch
 GROUPED_MIN_TOKENS = 64
 
 
-def add_lora_cuda(y, x, lora_a, lora_b, adapter_ids, scales, ranks, groups=None):
+def add_lora_cuda(y, x, lora_a, lora_b, adapter_ids, scales, ranks, groups=None, *, magnitudes=None, bias=None):
     """add_lora_ on the CUDA extension: one shrink (fp32 xa) and one in-place expand per slice; grouped by
     adapter through ``groups`` = (sorted_token_ids, tiles, block_m) of a LoRABatchMeta of these ids, when it is
-    given and the batch is long."""
+    given and the batch is long. DoRA (``magnitudes`` [L, N] fp32, ``bias`` [N]): the expand's epilogue rescales."""
     ops = torch.ops.lora_kernels
     scales32 = scales.to(torch.float32)
-    grouped = ()
+    grouped = (None, None, 0)
     if groups is not None and x.shape[0] >= GROUPED_MIN_TOKENS:
         grouped = tuple(groups)
+    dora = () if magnitudes is None else (magnitudes, bias)
     col = 0
     for a, b in zip(lora_a, lora_b):
         xa = ops.cuda_multi_lora_shrink(x, a, adapter_ids, ranks, *grouped)
-        ops.cuda_multi_lora_expand_(y, xa, b, adapter_ids, scales32, ranks, col, *grouped)
+        ops.cuda_multi_lora_expand_(y, xa, b, adapter_ids, scales32, ranks, col, *grouped, *dora)
         col += b.shape[1]

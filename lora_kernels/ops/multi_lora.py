@@ -341,21 +341,22 @@ define([
     "cuda_multi_lora_shrink(Tensor x, Tensor lora_a, Tensor adapter_ids, Tensor? ranks, "
     "Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0) -> Tensor",
     # y[m, col_offset + n] += scales[i] · Σ_j<ranks[i] xa[m, j] · lora_b[i, n, j]   for i = adapter_ids[m] >= 0
+    # DoRA (magnitudes [L, N_total] given): y[m, c] = g[i, c]·(y[m, c] + update) + (1 - g[i, c])·bias[c], c = col_offset + n
     "cuda_multi_lora_expand_(Tensor(a!) y, Tensor xa, Tensor lora_b, Tensor adapter_ids, Tensor scales, Tensor? ranks, "
-    "int col_offset, Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0) -> ()",
+    "int col_offset, Tensor? sorted_token_ids=None, Tensor? tiles=None, int block_m=0, Tensor? magnitudes=None, "
+    "Tensor? bias=None) -> ()",
 ])
 
 # Launcher signature: (y, x, lora_a list, lora_b list, adapter_ids, scales, ranks, groups) with groups None or
 # (sorted_token_ids, tiles, block_m); the DoRA launcher ("add_lora_dora", public op of the same name: what
-# resolve_backend is asked when magnitudes are given) takes keyword arguments magnitudes= and bias= on top. The
-# CUDA extension has no DoRA epilogue, so it has no add_lora_dora row: auto picks triton / torch for a DoRA call and
-# backend="cuda" names the reason.
+# resolve_backend is asked when magnitudes are given) takes keyword arguments magnitudes= and bias= on top.
 add_rows({
     ("add_lora", "torch"): "lora_kernels.torch.multi_lora:add_lora_torch",
     ("add_lora", "triton"): "lora_kernels.triton.multi_lora:add_lora_triton",
     ("add_lora", "cuda"): "lora_kernels.cuda.multi_lora:add_lora_cuda",
     ("add_lora_dora", "torch"): "lora_kernels.torch.multi_lora:add_lora_torch",
     ("add_lora_dora", "triton"): "lora_kernels.triton.multi_lora:add_lora_triton",
+    ("add_lora_dora", "cuda"): "lora_kernels.cuda.multi_lora:add_lora_cuda",
 }, public={OP: ("add_lora",), "add_lora_dora": ("add_lora_dora",)})
 
 
@@ -388,5 +389,5 @@ def _cuda_multi_lora_shrink_fake(x, lora_a, adapter_ids, ranks, sorted_token_ids
 
 @torch.library.register_fake("lora_kernels::cuda_multi_lora_expand_", lib=lib)
 def _cuda_multi_lora_expand_fake(y, xa, lora_b, adapter_ids, scales, ranks, col_offset, sorted_token_ids=None, tiles=None,
-                                 block_m=0):
+                                 block_m=0, magnitudes=None, bias=None):
     return None
