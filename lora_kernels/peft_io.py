@@ -11,6 +11,11 @@ is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), where r and alpha may
 * :func:`load_peft_adapter_` loads a PEFT-saved adapter into such a model (checks ranks, scales, targets).
 * :func:`read_peft_adapter` returns the config and ``{module path: (A, B, scale)}`` for serving stacks.
 
+DoRA (``use_dora: true``): each module also has ``<module path>.lora_magnitude_vector`` [N] (PEFT's saved key;
+``...lora_magnitude_vector[.<adapter>].weight`` is read too); it travels as ``(A, B, scale, m)`` from
+:func:`read_peft_adapter`, into ``LoRALinear(use_dora=True).lora_magnitude`` and back, and into
+``AdapterSlots`` through :func:`load_peft_into_slots` (which needs the base weight to form m / ‖W0 + s·B·A‖).
+
 Needs ``safetensors`` for ``.safetensors`` files (``pip install lora_kernels[interop]``).
 """
 
@@ -136,11 +141,9 @@ def read_peft_adapter(path: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, to
     ``"<module path>.<parameter>"`` with A [E, r, in] and B [E, out, r]); tensors stay on the CPU in their saved dtype; ``scale`` follows
     ``lora_alpha``, ``r``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern``. An embedding module
     (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) reads as (A [r, V], B [D, r], scale); ``fan_in_fan_out``
-    (GPT-2 Conv1D bases) leaves A [r, K] / B [N, r] as they are. Raises on DoRA,
-    ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
-
-    DoRA adapters (``use_dora: true``): each module reads as ``(A, B, scale, m)``, m being its
-    ``lora_magnitude_vector`` [N] (a DoRA entry is the only 4-tuple).
+    (GPT-2 Conv1D bases) leaves A [r, K] / B [N, r] as they are. A DoRA adapter (``use_dora: true``) reads each
+    module as ``(A, B, scale, m)``, m being its ``lora_magnitude_vector`` [N] (a DoRA entry is the only 4-tuple).
+    Raises on ``lora_bias``, non-LoRA adapters, half pairs, or shapes that disagree with the config.
     """
     config, out, _ = _parse(path)
     return config, out
