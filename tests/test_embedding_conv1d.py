@@ -690,3 +690,21 @@ def test_lora_only_state_dict_and_trainable_cover_embedding_and_conv2d():
     assert "conv3.bias" not in sd and "head.bias" not in sd
     lk.mark_only_lora_as_trainable(net, bias="lora_only")
     assert net.conv1.bias.requires_grad and not net.conv3.bias.requires_grad and not net.conv1.weight.requires_grad
+
+
+def test_lora_embedding_compiles_fullgraph():
+    """The ops' schemas and fakes carry LoRAEmbedding through torch.compile without a graph break (aot_eager)."""
+    torch.manual_seed(0)
+    layer = lk.LoRAEmbedding(nn.Embedding(31, 8, padding_idx=0), r=4, alpha=4)
+    with torch.no_grad():
+        layer.lora_embedding_A.normal_()
+    ids = torch.randint(0, 31, (3, 5))
+    dy = torch.randn(3, 5, 8)
+    y_eager = layer(ids)
+    y_eager.backward(dy)
+    g_eager = (layer.lora_embedding_A.grad.clone(), layer.lora_embedding_B.grad.clone())
+    layer.zero_grad()
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(ids)
+    y.backward(dy)
+    assert torch.equal(y, y_eager)
+    assert torch.equal(layer.lora_embedding_A.grad, g_eager[0]) and torch.equal(layer.lora_embedding_B.grad, g_eager[1])
