@@ -5,7 +5,7 @@ same names, so that ``save_pretrained`` of the result has exactly the base model
   Parameters (no copy). ``merge_and_unload`` first folds the active adapters into that weight: a layer already
   merged (``layer.merge()``) keeps its merged weight as it is (its exact-merge record is dropped: the result has no
   adapter to unmerge); an unmerged one is merged with :func:`lora_kernels.merge_` (fp32 accumulate, one rounding:
-  the same value ``merge()`` writes). ``unload`` gives back the base weight instead (an exactly unmerged one for a
+  the same value ``merge()`` writes; a DoRA layer merges with its own ``merge()``). ``unload`` gives back the base weight instead (an exactly unmerged one for a
   merged layer). A layer whose adapters are disabled is unloaded without merging.
 * A :class:`~lora_kernels.LoRAEmbedding` becomes an ``nn.Embedding`` the same way (its adapter merged into the
   table's [D, V] view).
@@ -127,6 +127,21 @@ def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
                           + ("the layer gets its own merged copy and the tie is broken" if tied == "untie"
                              else "merging into the shared matrix changes those modules too"), UserWarning, stacklevel=3)
         plans.append((name, m, (do_merge, mode)))
+    # DoRA's merge is not W + s·B·A: such layers merge with their own merge(), first, and are put back exactly if one
+    # of them cannot (so a refusal leaves the model unchanged)
+    done = []
+    for name, m, plan in plans:
+        if plan is not None and plan[0] and getattr(m, "use_dora", False):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the tied case was reported above
+                    m.merge(allow_tied=True)
+            except (NotImplementedError, LoRAInputError, RuntimeError) as e:
+                for d in done:
+                    d.unmerge()
+                raise LoRAInputError(f"{where}: cannot merge the DoRA layer {name} ({e}); use "
+                                     "lora_kernels.unload(model) or keep the adapters") from e
+            done.append(m)
     for name, m, plan in plans:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -138,6 +153,7 @@ def _unload(model: nn.Module, merge: bool, tied: str) -> nn.Module:
             setattr(parent, child, new)
             continue
         do_merge, mode = plan
+        do_merge = do_merge and not getattr(m, "use_dora", False)  # merged above by the layer itself
         weight = m.weight
         if mode == "untie":
             if m.merged:  # the shared matrix holds the merge: give it back its base bits, keep the merge in a copy

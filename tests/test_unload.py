@@ -249,3 +249,34 @@ def test_embedding_and_linear_merge_and_unload_save_pretrained(tmp_path):
     back, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"], info
     assert_close_rel(_logits(back.eval(), ids), want, TOL[torch.float32], "reloaded")
+
+
+def test_dora_layers_merge_with_their_own_merge():
+    import inspect
+
+    if "use_dora" not in inspect.signature(LoRALinear.__init__).parameters:
+        pytest.skip("LoRALinear has no use_dora in this tree")
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+    lk.inject_lora(net, ["0", "2"], 4, 8, backend="torch", use_dora=True)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.3)
+                m.lora_magnitude.mul_(1.5)
+    x = torch.randn(5, 16)
+    want = net(x).detach()
+    w0 = [net[i].weight.detach().clone() for i in (0, 2)]
+    try:
+        net[0].merge()
+        net[0].unmerge()
+    except NotImplementedError:  # DoRA merge not implemented in this tree: refused, the model unchanged
+        with pytest.raises(LoRAInputError, match="cannot merge the DoRA layer 0"):
+            lk.merge_and_unload(net)
+        assert isinstance(net[0], LoRALinear) and all(torch.equal(net[i].weight, w) for i, w in zip((0, 2), w0))
+        lk.unload(net)
+        assert type(net[0]) is nn.Linear and torch.equal(net[0].weight, w0[0])
+        return
+    lk.merge_and_unload(net)
+    assert type(net[0]) is nn.Linear and type(net[2]) is nn.Linear
+    assert_close_rel(net(x), want, TOL[torch.float32], "DoRA merged and unloaded")
