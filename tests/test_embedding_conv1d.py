@@ -708,3 +708,54 @@ def test_lora_embedding_compiles_fullgraph():
     y.backward(dy)
     assert torch.equal(y, y_eager)
     assert torch.equal(layer.lora_embedding_A.grad, g_eager[0]) and torch.equal(layer.lora_embedding_B.grad, g_eager[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serving_embedding_and_lm_head_mixed_batch_vs_peft(backend, tmp_path):
+    """Two PEFT adapters (ranks 4 and 2) on embed_tokens and lm_head, read with peft_io and stacked (rank-padded):
+    one batch mixing both and tokens without an adapter equals each token's own PEFT adapter (base for id -1), for
+    the embedding rows (add_lora_embedding) and the logits rows (add_lora on the hidden rows)."""
+    from peft import LoraConfig, get_peft_model
+
+    paths, pms = [], []
+    for i, r in enumerate((4, 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(_llama(), LoraConfig(r=r, lora_alpha=2 * r + i, target_modules=["embed_tokens", "lm_head"]))
+        _randomise_peft_adapters(pm, seed=10 + i)
+        path = str(tmp_path / f"a{i}")
+        pm.save_pretrained(path)
+        paths.append(path)
+        pms.append(pm.eval())
+    read = [peft_io.read_peft_adapter(p)[1] for p in paths]
+    r_max, L = 4, 2
+
+    def stack(path, which):  # [L, r_max, K] for A, [L, N, r_max] for B, zero-padded past each rank
+        ts = [a[path][which] for a in read]
+        if which == 0:
+            return torch.stack([torch.cat([t, t.new_zeros(r_max - t.shape[0], t.shape[1])]) for t in ts])
+        return torch.stack([torch.cat([t, t.new_zeros(t.shape[0], r_max - t.shape[1])], 1) for t in ts])
+
+    scales = torch.tensor([a["model.embed_tokens"][2] for a in read])
+    ranks = torch.tensor([4, 2])
+    tok = torch.tensor([5, 0, 17, 39, 5, 22, 8, 1, 30])
+    ids = torch.tensor([0, 1, -1, 1, 1, 0, -1, 0, 1])
+    base = _llama()
+    W = base.model.embed_tokens.weight.detach()
+    y = W[tok].clone()
+    lk.add_lora_embedding(y, tok, stack("model.embed_tokens", 0), stack("model.embed_tokens", 1), ids, scales, ranks,
+                          backend=backend)
+    h = torch.randn(9, 16, generator=torch.Generator().manual_seed(0))
+    logits = h @ base.lm_head.weight.detach().t()
+    lk.add_lora(logits, h, stack("lm_head", 0), stack("lm_head", 1), ids, torch.tensor([a["lm_head"][2] for a in read]),
+                ranks, backend=backend)
+    with torch.no_grad():
+        for t in range(9):
+            i = int(ids[t])
+            if i < 0:
+                e_exp, l_exp = W[tok[t]], h[t] @ base.lm_head.weight.t()
+            else:
+                m = pms[i].base_model.model
+                e_exp, l_exp = m.model.embed_tokens(tok[t:t + 1])[0], m.lm_head(h[t:t + 1])[0]
+            assert_close_rel(y[t], e_exp, TOL[torch.float32], f"embedding row {t} (adapter {i})")
+            assert_close_rel(logits[t], l_exp, TOL[torch.float32], f"logits row {t} (adapter {i})")
