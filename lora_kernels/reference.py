@@ -682,7 +682,7 @@ def lora_embedding_ref(
         acc = torch.float64
     flat = ids.reshape(-1).to(torch.int64)
     xa = torch.nn.functional.embedding(flat, lora_a.to(acc).t(), padding_idx=padding_idx)
-    y = weight.to(acc)[flat] + scale * (xa @ lora_b.to(acc).t())
+    y = weight[flat].to(acc) + scale * (xa @ lora_b.to(acc).t())  # the batch's rows, not the whole table, upcast
     return y.to(weight.dtype).reshape(*ids.shape, weight.shape[1])
 
 
@@ -719,9 +719,9 @@ def add_lora_embedding_ref(
     ids = adapter_ids.to(torch.int64)
     active = ids >= 0
     safe = ids.clamp(min=0)
-    xa = lora_a.to(acc)[safe, :, token_ids.to(torch.int64)]  # [M, r_max]: A[i, :, tok] per token
+    xa = lora_a[safe, :, token_ids.to(torch.int64)].to(acc)  # [M, r_max]: A[i, :, tok] per token (gathered, then cast)
     if ranks is not None:
         xa = xa * (torch.arange(r_max, device=y.device)[None, :] < ranks.to(y.device, torch.int64)[safe][:, None]).to(acc)
-    upd = torch.bmm(lora_b.to(acc)[safe], xa[:, :, None])[:, :, 0] * scales.to(acc)[safe][:, None]
+    upd = torch.bmm(lora_b[safe].to(acc), xa[:, :, None])[:, :, 0] * scales.to(acc)[safe][:, None]
     y.copy_(torch.where(active[:, None], y.to(acc) + upd, y.to(acc)).to(y.dtype))
     return y
