@@ -15,6 +15,7 @@ import torch
 from ._backend import resolve_backend
 from ._checks import LoRAInputError
 from .ops import lora_linear as _lora_linear_op
+from .ops import dora as _dora_op
 from .ops.lora_linear import check_lora_linear
 from .ops.merge import check_merge
 from .ops.multi_lora import check_add_lora
@@ -126,8 +127,10 @@ def lora_linear(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     backend: Optional[str] = None,
+    magnitude: Optional[torch.Tensor] = None,
+    weight_sq: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LoRA linear layer: ``y = x·W0ᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ``.
+    """LoRA linear layer: ``y = x·W0ᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ`` (DoRA with ``magnitude``, below).
 
     Args:
         x: [..., K] input (any leading dims, any strides).
@@ -139,10 +142,20 @@ def lora_linear(
             (seed, row, column) (see ``reference.dropout_keep_mask``): the same seed gives the same mask.
         seed: dropout seed; drawn from torch's CPU generator when None and dropout_p > 0.
         backend: "cuda" | "triton" | "torch" | None (auto; see ``resolve_backend``).
+        magnitude: DoRA's magnitude vector m [N] (PEFT's ``lora_magnitude_vector``), any float dtype: the layer
+            becomes PEFT's DoRA, ``y = g⊙(x·W0ᵀ + scale·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖W0 + scale·B·A‖`` (row
+            norms, detached, rounded to x's dtype); with dropout PEFT applies W0 to the dropped x a second time:
+            ``y = x·W0ᵀ + bias + (g−1)⊙(drop(x)·W0ᵀ) + g⊙scale·(drop(x)·Aᵀ)·Bᵀ`` (``reference.dora_linear_fwd_ref``).
+            The norm is formed without the N×K update (``lora_kernels.dora.dora_weight_norm``). Gradients also flow
+            to magnitude. Backends: torch and Triton (dropout > 0: torch, see ``why_not(.., "dora_linear_dropout")``).
+        weight_sq: with magnitude, ``lora_kernels.dora.weight_row_sq_norm(weight)`` if the caller caches it
+            (W0 frozen); computed here otherwise.
 
     Returns y, [..., N]. Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
     Gradients flow to x, lora_a, lora_b, bias, and to weight only if it requires grad.
     """
+    if magnitude is not None:
+        return _dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend, magnitude, weight_sq)
     ac = _autocast_device(x)
     if ac is not None:
         (x, weight, lora_a, lora_b, bias), _ = _autocast_inputs((x, weight, lora_a, lora_b, bias))
@@ -161,6 +174,113 @@ def lora_linear(
         with torch.autocast(ac, enabled=False):
             return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, be)
     return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, be)
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """The DoRA linear layer (``lora_linear(..., magnitude=m)``) with a fused backward; grads to x, W0 (only if it
+    requires grad), A, B, m and bias.
+
+    Saved for backward: what :class:`LoRALinearFunction` saves (x when dA / dW0 are needed, the r-wide ``xa``, the
+    torch backend's dropout keep-mask) plus g and the norm ([N] each), and ``ypre`` = x·W0ᵀ + s·xa·Bᵀ [M, N] (x's
+    dtype) ONLY when the magnitude requires grad: ``dm[n] = Σ_t dy[t, n]·ypre[t, n] / norm[n]`` needs either that
+    M×N activation saved or an extra M·N·K GEMM in the backward to rebuild it; this saves it (one M×N tensor, like
+    the output itself) and never anything N×K."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, magnitude, scale, bias, g, norm, dropout_p, seed, backend):
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        seed_t = None
+        if isinstance(seed, torch.Tensor):
+            seed, seed_t = 0, seed
+        need = ctx.needs_input_grad
+        keep = None
+        if dropout_p > 0.0 and backend == "torch" and (need[0] or need[1] or need[2]) and x2.shape[0] > 0:
+            keep = _lora_linear_op.call_dropout_keep(x2, dropout_p, seed, seed_t)
+        save_pre = bool(need[4])
+        y2, xa, ypre = _dora_op.call_fwd(x2, weight, lora_a, lora_b, scale, bias, g, dropout_p, seed, save_pre, backend,
+                                         seed_t, keep)
+        ctx.save_for_backward(x if (need[1] or need[2]) else None, xa, ypre if save_pre else None, weight, lora_a,
+                              lora_b, g, norm, seed_t, keep)
+        ctx.cfg = (scale, dropout_p, seed, backend, magnitude.dtype)
+        if x.dim() == 2:
+            return y2
+        return _unsafe_view(y2, (*x.shape[:-1], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, ypre, weight, lora_a, lora_b, g, norm, seed_t, keep = ctx.saved_tensors
+        scale, dropout_p, seed, backend, m_dtype = ctx.cfg
+        need = ctx.needs_input_grad
+        mask = [need[0], need[2], need[3], need[4], need[1]]
+        N, K = weight.shape
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, N)
+        dx = da = db = dm = dw = dbias = None
+        if any(mask):
+            x2 = x if (x is None or x.dim() == 2) else x.reshape(-1, K)
+            dx, da, db, dm, dw = _dora_op.call_bwd(dy2, x2, xa, ypre, weight, lora_a, lora_b, scale, g, norm, dropout_p,
+                                                   seed, mask, backend, seed_t, keep)
+            dx = (dx if dy.dim() == 2 else dx.reshape(dy.shape[:-1] + (K,))) if need[0] else None
+            da = da if need[2] else None
+            db = db if need[3] else None
+            dm = dm.to(m_dtype) if need[4] else None
+            dw = dw if need[1] else None
+        if need[6]:
+            dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if dy2.dtype != torch.float64 else dy2.sum(0)
+        return dx, dw, da, db, dm, None, dbias, None, None, None, None, None
+
+
+_dora_warned: set = set()
+
+
+def _dora_backend(x, weight, lora_a, lora_b, bias, dropout_p, backend) -> str:
+    """The backend of a DoRA call: ``dora_linear``'s; with dropout the one that also implements
+    ``dora_linear_dropout`` (PEFT's second base GEMM on the dropped x), else torch with a one-time warning that
+    quotes ``why_not``."""
+    from ._backend import why_not
+
+    be = resolve_backend("dora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
+    if dropout_p > 0.0 and be != "torch":
+        reasons = why_not(be, "dora_linear_dropout", [t for t in (x, weight, lora_a, lora_b, bias) if t is not None])
+        if reasons:
+            if be not in _dora_warned:
+                _dora_warned.add(be)
+                import warnings
+
+                warnings.warn(f"lora_kernels: DoRA with dropout runs on the torch backend ({'; '.join(reasons)})",
+                              RuntimeWarning, stacklevel=3)
+            be = "torch"
+    return be
+
+
+def _dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend, magnitude, weight_sq):
+    from .dora import dora_weight_norm
+    from .ops import dora as _dora_check
+
+    ac = _autocast_device(x)
+    if ac is not None:
+        (x, weight, lora_a, lora_b, bias), _ = _autocast_inputs((x, weight, lora_a, lora_b, bias))
+    scale = _dora_check.check_dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, magnitude)
+    if lora_a.dtype != x.dtype:
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    dropout_p = float(dropout_p)
+    if seed is not None:
+        seed = _check_seed(seed)
+    elif dropout_p > 0.0:
+        seed = _draw_seed()
+    else:
+        seed = 0
+    be = _dora_backend(x, weight, lora_a, lora_b, bias, dropout_p, backend)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        # PEFT forms the norm in x's dtype: round it there (a no-op for fp32), then g in fp32 (fp64)
+        norm = dora_weight_norm(weight.detach(), lora_a.detach(), lora_b.detach(), scale, weight_sq=weight_sq)
+        norm = norm.to(x.dtype).to(acc)
+        g = magnitude.detach().to(acc) / norm
+    args = (x, weight, lora_a, lora_b, magnitude, scale, bias, g, norm, dropout_p, seed, be)
+    if ac is not None:
+        with torch.autocast(ac, enabled=False):
+            return DoRALinearFunction.apply(*args)
+    return DoRALinearFunction.apply(*args)
 
 
 def _as_list(t: TensorOrList) -> List[torch.Tensor]:
@@ -574,7 +694,11 @@ def moe_lora_linear(
         lora_a: A [E, r, K], or one [r, K] shared by every expert; lora_b: B [E, N, r]; both None: no LoRA (the
             plain grouped GEMM). Cast to x's dtype if they differ (differentiably).
         scale: alpha / r (finite). topk_ids: [M, k] int32/int64. topk_weights: [M, k] or None (c_p = 1).
-        combine: sum each token's k pair rows (the down projection of an MoE MLP).
+        combine: sum each token's k pair rows (the down projection of an MoE MLP). On Triton the sum is fp32
+            atomics into an [M, N] accumulator where they move fewer bytes than a per-pair buffer (top-k >= 5 in
+            16-bit, >= 2 in fp32; the fp32 addition order, so the last bits, can vary between runs), else the
+            per-pair buffer summed in a fixed order; ``torch.use_deterministic_algorithms(True)`` always takes the
+            buffer. The torch backend sums in fp32 with ``index_add_``.
         routing: an optional :class:`MoERouting` built from these topk_ids (shared by the layer's two projections;
             built here when absent, on the device, without a host read).
         backend: "triton" | "torch" | None (auto).

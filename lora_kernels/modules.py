@@ -39,15 +39,24 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         backend: forwarded to every op ("cuda" | "triton" | "torch" | None for auto).
         merge_on_eval: loralib behaviour: ``eval()`` merges BA into W, ``train()`` unmerges.
         lora_dtype: dtype of A and B (default: the base weight's dtype).
+        use_dora: DoRA (PEFT's ``use_dora=True``): a trainable magnitude ``lora_magnitude`` [N] (lora_dtype),
+            initialised to ‖W0‖ per output row, and ``y = g⊙(x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with
+            ``g = lora_magnitude / ‖W0 + s·B·A‖`` (norm recomputed from the current A, B every forward, detached;
+            ‖W0‖² cached in the non-persistent buffer ``_dora_weight_sq`` and recomputed when W0 changes). See
+            ``lora_linear(..., magnitude=)`` for the dropout semantics. ``merge()`` writes PEFT's merged DoRA weight
+            g⊙(W0 + s·B·A) (exact pair: g and the repair list in the record). No quantised base.
 
     A quantised ``base`` (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, float8; ``lora_kernels.quant``) gives a
     :class:`lora_kernels.quant_modules.LoRAQuantLinear` instead (same arguments; it cannot merge).
     """
 
     fan_in_fan_out = False  # True for a transformers Conv1D base (weight [K, N]); set per instance in __init__
+    use_dora = False  # DoRA (lora_magnitude); set per instance in __init__
 
     def __new__(cls, base=None, *args, **kwargs):
         if cls is LoRALinear and base is not None and is_quantized_base(base):
+            if kwargs.get("use_dora"):
+                raise NotImplementedError("LoRALinear(use_dora=True) on a quantised base is not supported")
             return LoRAQuantLinear(base, *args, **kwargs)  # not a LoRALinear, so __init__ does not run again
         return super().__new__(cls)
 
@@ -61,6 +70,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         backend: Optional[str] = None,
         merge_on_eval: bool = False,
         lora_dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         # GPT-2's transformers Conv1D: weight [K, N], y = x·W + b (PEFT's fan_in_fan_out). The ops get weight.t(), a
@@ -95,14 +105,35 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         # Other names of self.weight in the model it was injected into (a tied lm_head / embedding); set by
         # inject_lora. merge() refuses to change a tied weight unless asked.
         self.tied_to: Tuple[str, ...] = ()
+        self.use_dora = bool(use_dora)
+        if self.use_dora:  # DoRA: magnitude [N] (set by reset_lora_parameters) and the cached ‖W0‖² per row
+            self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, dtype=dt, device=dev))
+            self.register_buffer("_dora_weight_sq", None, persistent=False)
+            self._dora_sq_key = None
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """A ~ Kaiming-uniform(a=√5) (as nn.Linear / PEFT / loralib), B = 0."""
+        """A ~ Kaiming-uniform(a=√5) (as nn.Linear / PEFT / loralib), B = 0; DoRA's magnitude = ‖W0‖ per row."""
         if self.merged:
             raise RuntimeError("LoRALinear: unmerge() before re-initialising the adapter")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            with torch.no_grad():  # ‖W0 + s·B·A‖ = ‖W0‖ as B = 0 (PEFT initialises the magnitude the same way)
+                self.lora_magnitude.copy_(self.dora_weight_sq().sqrt())
+
+    def dora_weight_sq(self) -> torch.Tensor:
+        """‖W0[n]‖² per output row (fp32; fp64 for an fp64 weight), cached while the base weight is unchanged (its
+        identity, version counter, storage, dtype and device are the key, so a merge or a load recomputes it)."""
+        from .dora import weight_row_sq_norm
+
+        w = self.weight
+        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
+        sq = self._dora_weight_sq
+        if sq is None or self._dora_sq_key != key:
+            sq = self._dora_weight_sq = weight_row_sq_norm(self.weight_nk.detach())
+            self._dora_sq_key = key
+        return sq
 
     @property
     def weight_nk(self) -> torch.Tensor:
@@ -120,7 +151,14 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         if self.merged:
             return nn.functional.linear(x, w, bias)
         if not self._fast:  # several / another / no active adapter(s): lora_kernels/named_adapters.py
+            if self.use_dora and self.adapters_enabled and self.primary_adapter in self.active_adapters:
+                raise NotImplementedError("LoRALinear(use_dora=True): the DoRA adapter together with other named "
+                                          "adapters in one forward is not supported")
             return self._forward_named(x)
+        if self.use_dora:
+            return lora_linear(x, w, p["lora_A"], p["lora_B"], self.scale, bias,
+                               dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+                               magnitude=p["lora_magnitude"], weight_sq=self.dora_weight_sq())
         return lora_linear(
             x,
             w,
@@ -157,7 +195,10 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         if hasattr(self, "reshard"):  # FSDP2 module: merge the sharded parameters, not a transient unsharded copy
             self.reshard()
         a, b, s = self._merge_operands("merge")  # the active adapters (named_adapters.py)
-        self._merge_record = merge_exact_(self.weight_nk, a, b, s, backend=self.backend)
+        if self.use_dora:  # W ← round(g⊙(W0 + s·B·A)), g = m / ‖W0 + s·B·A‖ of the unmerged W0, kept in the record
+            self._merge_record = merge_exact_(self.weight_nk, a, b, s, magnitude=self.lora_magnitude.detach())
+        else:
+            self._merge_record = merge_exact_(self.weight_nk, a, b, s, backend=self.backend)
         self.merged_adapters = self.active_adapters
         self.merged = True
 
@@ -184,11 +225,19 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
                 RuntimeWarning,
                 stacklevel=2,
             )
-            if record is not None:
+            if record is not None and record.dora_factor is not None:  # DoRA: W/g − s·B·A with the merge's g
+                dev = self.weight.device
+                g = record.dora_factor.to(dev)
+                unmerge_(self.weight_nk, record.lora_a[0].to(dev), record.lora_b[0].to(dev), record.scales[0],
+                         magnitude=g, weight_norm=torch.ones_like(g))  # g = magnitude / 1
+            elif record is not None:
                 dev = self.weight.device
                 a = [t.to(dev) for t in record.lora_a]
                 b = [t.to(dev) for t in record.lora_b]
                 unmerge_(self.weight_nk, a, b, list(record.scales), backend=self.backend)
+            elif self.use_dora:
+                raise RuntimeError("LoRALinear.unmerge(): a DoRA layer merged without a merge record cannot be "
+                                   "unmerged (its factor g came from the unmerged weight)") from e
             else:
                 a, b, s = self._merge_operands("unmerge")
                 unmerge_(self.weight_nk, a, b, s, backend=self.backend)
@@ -209,6 +258,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}, merged={self.merged}"
+            + (", use_dora=True" if self.use_dora else "")
         )
 
 
@@ -249,6 +299,7 @@ def inject_lora(
     backend: Optional[str] = None,
     merge_on_eval: bool = False,
     lora_dtype: Optional[torch.dtype] = None,
+    use_dora: bool = False,
     modules_to_save: Optional[Iterable[str]] = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (or transformers ``Conv1D``) whose qualified name matches with a :class:`LoRALinear`,
@@ -263,6 +314,9 @@ def inject_lora(
     ``target_modules`` is a list of names or name suffixes (``["q_proj", "v_proj"]``, PEFT-style) or a
     regex string matched against the full qualified name. Raises if nothing matched. Returns model.
 
+    ``use_dora=True``: DoRA on the nn.Linear / Conv1D targets (:class:`LoRALinear`'s ``use_dora``); MoE experts and
+    embeddings are not targeted then (DoRA is not implemented for them).
+
     ``modules_to_save``: PEFT's option, see :func:`set_modules_to_save` (fully trained modules saved with the adapter).
     """
     if not isinstance(target_modules, str):
@@ -271,7 +325,8 @@ def inject_lora(
         set_modules_to_save(model, modules_to_save, exclude=target_modules)
     from .moe import inject_moe_lora  # MoE experts (3-D expert parameters, nn.ModuleList experts): lora_kernels/moe.py
 
-    moe_hits = inject_moe_lora(model, target_modules, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
+    moe_hits = [] if use_dora else inject_moe_lora(model, target_modules, r, alpha, dropout, use_rslora, backend,
+                                                   merge_on_eval, lora_dtype)
     from .conv import LoRAConv2d  # nn.Conv2d targets: lora_kernels/conv.py
     from .embedding import LoRAEmbedding  # nn.Embedding targets: lora_kernels/embedding.py
 
@@ -301,7 +356,10 @@ def inject_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         cls = LoRAEmbedding if isinstance(mod, nn.Embedding) else LoRAConv2d if isinstance(mod, nn.Conv2d) else LoRALinear
-        layer = cls(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype)
+        if use_dora and cls is LoRAEmbedding:
+            continue  # (documented above: DoRA targets the linear layers only)
+        extra = {"use_dora": True} if use_dora else {}
+        layer = cls(mod, r, alpha, dropout, use_rslora, backend, merge_on_eval, lora_dtype, **extra)
         own = f"{name}.weight"
         layer.tied_to = tuple(n for n in names_of.get(id(mod.weight), ()) if n != own)
         if layer.tied_to:  # as PEFT warns for a tied lm_head / embedding target

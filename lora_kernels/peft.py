@@ -9,7 +9,7 @@ before or after patching, ``set_adapter``, ``disable_adapter()``, ``merge_adapte
 ``set_scale`` keep working. ``unpatch(model)`` puts the original forwards back exactly.
 
 The fused path runs when, for that call: exactly one adapter is active (and present in the layer), the adapters
-are enabled and nothing is merged, the adapter is plain LoRA (no DoRA or other ``lora_variant``, no
+are enabled and nothing is merged, the adapter is plain LoRA or DoRA (no other ``lora_variant``, no
 ``lora_bias``), its dropout is ``nn.Dropout`` or ``nn.Identity``, the base is a plain ``nn.Linear`` without
 hooks, ``fan_in_fan_out`` is False, no extra forward arguments (``adapter_names=...``) are passed, and x has
 the base weight's dtype and device (or autocast is on). Anything else takes PEFT's path, and each reason is
@@ -79,14 +79,24 @@ def _peft_lora():
     return lora_layer
 
 
-def _adapter_reason(mod, name: str) -> Optional[str]:
+def _adapter_reason(mod, name: str, dora_ok: bool = False) -> Optional[str]:
     """Why adapter ``name`` of a PEFT lora.Linear cannot take the fused path (None: it can). Runs on every call of a
-    patched layer, so submodules are read from ``_modules`` directly (not through ``nn.Module.__getattr__``)."""
+    patched layer, so submodules are read from ``_modules`` directly (not through ``nn.Module.__getattr__``).
+    ``dora_ok``: the caller runs DoRA adapters (plain lora.Linear layers: ``lora_linear(..., magnitude=)``); the
+    quantised and MoE paths do not."""
     d = mod.__dict__
-    if d.get("use_dora", {}).get(name, False):
+    dora = d.get("use_dora", {}).get(name, False)
+    if dora and not dora_ok:
         return "use_dora=True (DoRA) is not fused"
     variant = d.get("lora_variant", {}).get(name)
-    if variant is not None:
+    if dora:
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"LoRA variant {type(variant).__name__} with use_dora is not fused"
+        mags = mod._modules.get("lora_magnitude_vector")
+        if mags is None or name not in mags._modules or not isinstance(
+                mags._modules[name]._parameters.get("weight"), torch.Tensor):
+            return "DoRA layer without lora_magnitude_vector[adapter].weight is not fused"
+    elif variant is not None:
         return f"LoRA variant {type(variant).__name__} is not fused"
     mods = mod._modules
     lora_a, lora_b = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
@@ -142,7 +152,7 @@ def _fused_call(self, x, args, kwargs):
     if len(active) > 1:
         return "several active adapters at once are not fused"
     name = active[0]
-    reason = _adapter_reason(self, name)
+    reason = _adapter_reason(self, name, dora_ok=True)
     if reason is not None:
         return reason
     base = self._modules["base_layer"]
@@ -186,6 +196,22 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = mods["base_layer"]
     drop = mods["lora_dropout"]._modules.get(name)
     p = float(drop.p) if (drop is not None and drop.training and type(drop) is nn.Dropout) else 0.0
+    if self.__dict__.get("use_dora", {}).get(name, False):
+        # PEFT's DoraLinearVariant: dropout (nn.Dropout, module in training) gives the two-base-GEMM form, else
+        # g⊙(x·W0ᵀ + s·x·Aᵀ·Bᵀ) + bias; the magnitude is PEFT's own Parameter (save/load unchanged)
+        if not self.training:
+            p = 0.0
+        return lora_linear(
+            x,
+            _param(base, "weight"),
+            _param(mods["lora_A"]._modules[name], "weight"),
+            _param(mods["lora_B"]._modules[name], "weight"),
+            float(self.scaling[name]),
+            _param(base, "bias"),
+            dropout_p=p,
+            backend=self.__dict__.get(_BACKEND_ATTR),
+            magnitude=mods["lora_magnitude_vector"]._modules[name]._parameters["weight"],
+        )
     return lora_linear(
         x,
         _param(base, "weight"),
@@ -240,7 +266,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, *, verbose: bool = Tr
                 continue  # nested in another ParamWrapper, whose patched forward runs it
         if reason is None:
             names = list(mod.lora_A.keys())
-            reasons = {n: _adapter_reason(mod, n) for n in names}
+            dora_ok = forward is _fused_forward
+            reasons = {n: _adapter_reason(mod, n, dora_ok) for n in names}
             if names and all(r is not None for r in reasons.values()):
                 reason = reasons[names[0]]
             else:

@@ -355,6 +355,159 @@ def dora_weight_norm_ref(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     return (weight.double() + float(scale) * (lora_b.double() @ lora_a.double())).norm(dim=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# DoRA linear (weight-decomposed LoRA), PEFT 0.21's semantics (peft/tuners/lora/dora.py DoraLinearLayer.forward and
+# variants.py DoraLinearVariant.forward)
+# ----------------------------------------------------------------------------------------------
+
+__all__ += ["dora_scale_ref", "dora_linear_fwd_ref", "dora_linear_bwd_ref", "dora_linear_ref"]
+
+
+def dora_scale_ref(weight, lora_a, lora_b, scale, magnitude, dtype: Optional[torch.dtype] = None):
+    """DoRA's per-output-row factor ``g = m / ‖W0 + s·B·A‖`` and the norm itself, both [N] in
+    ``compute_dtype(dtype)`` (dtype: the layer's compute dtype, x's; default the weight's)::
+
+        norm = ‖W0 + s·B·A‖₂ over each row        # [N], float64, detached (a constant for autograd, as in PEFT)
+        norm = round(norm, dtype)                   # PEFT forms the norm in x's dtype (weight.to(x.dtype)) and
+                                                    # returns it in that dtype: a 16-bit layer rounds it to 16 bits
+        g    = m / norm                             # [N]
+
+    Returns ``(g, norm)``."""
+    dtype = dtype or weight.dtype
+    acc = compute_dtype(dtype)
+    norm = dora_weight_norm_ref(weight, lora_a, lora_b, scale).to(dtype).to(acc)
+    return magnitude.detach().to(acc) / norm, norm
+
+
+def dora_linear_fwd_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of the DoRA linear layer on 2-D input, exactly PEFT's (``Linear.forward`` + ``DoraLinearVariant`` +
+    ``DoraLinearLayer.forward``), the norm treated as a constant.
+
+    Shapes: x [M, K], weight W0 [N, K], lora_a A [r, K], lora_b B [N, r], magnitude m [N], bias [N] or None.
+    ::
+
+        g, norm = dora_scale_ref(W0, A, B, s, m, x.dtype)           # [N], [N]
+        xd   = drop(x)                               # [M, K]; xd = x when dropout_p == 0 (or in eval)
+        xa   = xd @ A.T                              # [M, r], fp32
+        ypre = xd @ W0.T + s * xa @ B.T              # [M, N], fp32: the un-scaled DoRA output (dm needs it)
+        if dropout_p == 0:                           # PEFT: base_result = result − bias (the base layer's output)
+            y = g * ypre + bias                      #   = x·W0ᵀ + b + (g − 1)·(x·W0ᵀ) + g·s·xa·Bᵀ
+        else:                                        # PEFT (training with nn.Dropout): x = dropout(x),
+            y = x @ W0.T + bias + (g - 1) * (xd @ W0.T) + g * s * xa @ B.T   # base_result=None: W0 applied again
+                                                     # to the dropped x; the base layer keeps the un-dropped x
+
+    Everything accumulates in fp32 (fp64 for fp64 x); y is rounded once to x.dtype.
+    Returns ``(y, xa, ypre, g, norm)`` (xa, ypre, g, norm in the accumulation dtype).
+    """
+    acc = compute_dtype(x.dtype)
+    g, norm = dora_scale_ref(weight, lora_a, lora_b, scale, magnitude, x.dtype)
+    xd = lora_dropout(x, dropout_p, seed).to(acc)
+    w = weight.to(acc)
+    xa = xd @ lora_a.to(acc).t()
+    lora = scale * (xa @ lora_b.to(acc).t())
+    base_d = xd @ w.t()
+    ypre = base_d + lora
+    if dropout_p == 0.0:
+        y = g * ypre
+    else:
+        y = x.to(acc) @ w.t() + (g - 1.0) * base_d + g * lora
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), xa, ypre, g, norm
+
+
+def dora_linear_bwd_ref(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    output_mask: Sequence[bool] = (True, True, True, True, False),
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Backward of :func:`dora_linear_fwd_ref` (the norm a constant): ``(dx, dA, dB, dm, dW0)``, the ones not in
+    ``output_mask`` None. (dbias = Σ_t dy[t], as for any linear layer.)
+    ::
+
+        g, norm = dora_scale_ref(W0, A, B, s, m, dy.dtype)
+        xd, xa, ypre = (as in the forward)
+        dyg = dy * g                                 # [M, N]: the rescale moves onto dy
+        dxa = s * dyg @ B                            # [M, r]
+        dB  = s * dyg.T @ xa                         # [N, r]
+        dA  = dxa.T @ xd                             # [r, K]
+        dm  = (dy * ypre).sum(0) / norm              # [N]: ∂y/∂m[n] = ypre[:, n] / norm[n] in both cases
+        if dropout_p == 0:
+            dx  = dyg @ W0 + dxa @ A                 # [M, K]
+            dW0 = dyg.T @ x                          # [N, K], only when asked
+        else:                                        # drop'(t) = t · keep / (1 − p)
+            dx  = dy @ W0 + drop'((dy * (g - 1)) @ W0 + dxa @ A)
+            dW0 = dy.T @ x + (dy * (g - 1)).T @ xd
+
+    Every product accumulates in fp32 (fp64 for fp64 inputs) and is rounded once to the gradient's dtype (dx:
+    dy's; dA, dB, dm, dW0: their parameter's).
+    """
+    need_dx, need_da, need_db, need_dm, need_dw = (bool(v) for v in output_mask)
+    acc = compute_dtype(dy.dtype)
+    _, xa, ypre, g, norm = dora_linear_fwd_ref(x, weight, lora_a, lora_b, scale, magnitude, None, dropout_p, seed)
+    dyc = dy.to(acc)
+    w = weight.to(acc)
+    xd = lora_dropout(x, dropout_p, seed).to(acc)
+    dyg = dyc * g
+    dxa = scale * (dyg @ lora_b.to(acc))
+    dx = da = db = dm = dw = None
+    if need_db:
+        db = (scale * (dyg.t() @ xa)).to(lora_b.dtype)
+    if need_da:
+        da = (dxa.t() @ xd).to(lora_a.dtype)
+    if need_dm:
+        dm = ((dyc * ypre).sum(0) / norm).to(magnitude.dtype)
+    if dropout_p == 0.0:
+        if need_dx:
+            dx = (dyg @ w + dxa @ lora_a.to(acc)).to(dy.dtype)
+        if need_dw:
+            dw = (dyg.t() @ x.to(acc)).to(weight.dtype)
+    else:
+        dyq = dyc * (g - 1.0)
+        if need_dx:
+            t = dyq @ w + dxa @ lora_a.to(acc)
+            keep = dropout_keep_mask(seed, t.shape[0], t.shape[1], dropout_p, device=t.device)
+            dx = (dyc @ w + t * keep.to(acc) * (1.0 / (1.0 - dropout_p))).to(dy.dtype)
+        if need_dw:
+            dw = (dyc.t() @ x.to(acc) + dyq.t() @ xd).to(weight.dtype)
+    return dx, da, db, dm, dw
+
+
+def dora_linear_ref(x, weight, lora_a, lora_b, scale, magnitude, bias=None, dropout_p=0.0, seed=0):
+    """The DoRA linear layer for x [..., K] → y [..., N], differentiable by plain autograd (the gradient oracle):
+    PEFT's formula term by term, the norm detached (computed from detached A, B, W0 and rounded to x.dtype)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    norm = dora_weight_norm_ref(weight.detach(), lora_a.detach(), lora_b.detach(), scale).to(x.dtype)
+    g = magnitude / norm
+    lora = ((lora_dropout(x2, dropout_p, seed) @ lora_a.t()) @ lora_b.t()) * scale
+    if dropout_p == 0.0:
+        base = x2 @ weight.t()
+        y = base + (g - 1) * base + g * lora
+    else:
+        y = x2 @ weight.t() + (g - 1) * (lora_dropout(x2, dropout_p, seed) @ weight.t()) + g * lora
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0])
+
+
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     """LoRA scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return float(alpha) / (math.sqrt(r) if use_rslora else float(r))

@@ -125,6 +125,10 @@ def _lora_linear_jobs(ll, dtype, variant, shape):
     mb = 1 << min(16, (M - 1).bit_length())
     jobs = []
     kind = variant["kind"]
+    # DoRA (lora_kernels/triton/dora.py): g fp32 [N] in the forward epilogue (COL_SCALE, SAVE_PRE: ypre stored) or
+    # on the dy tiles of the backward (AOP_SCALE in the dx GEMM, DY_SCALE in the dy kernel); plain LoRA: all off
+    dora = variant.get("dora", False)
+    gp = (_t("fp32"), _t(dtype))  # g_ptr, pre_ptr
     if kind == "shrink":
         jobs.append(("_lora_shrink_kernel", (
             _t(dtype), _t(dtype), _t("fp32"), M, K, R, *xs, K, 1, R, 1, *seed, mb),
@@ -133,23 +137,24 @@ def _lora_linear_jobs(ll, dtype, variant, shape):
         # FUSED_SHRINK: SA = A [r, K] (the shrink in the K loop), L = xa written by the kernel
         jobs.append(("_lora_gemm_kernel", (
             _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("fp32"),
-            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, K, 1, R, 1, 2.0, 1.0, 0, 0, 1.0, mb),
+            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, K, 1, R, 1, 2.0, 1.0, 0, 0, 1.0, mb, *gp),
             dict(HAS_BIAS=variant["bias"], DROPOUT=False, EPI_LOW=epi_low, FUSED_SHRINK=variant.get("fused", False),
-                 COMPUTE_DB=False, BLOCK_R=block_r, INPUT_PRECISION=prec)))
+                 COMPUTE_DB=False, BLOCK_R=block_r, INPUT_PRECISION=prec, COL_SCALE=dora,
+                 SAVE_PRE=dora and variant.get("save_pre", True), AOP_SCALE=False)))
     elif kind == "gemm_dx":
         # dx = dy·W0 + drop'(dxa·A): Aop = dy [M, N], Bop = W0 [N, K], C = dx [M, K], L = dxa, Rt = A [r, K]
         # fused (no dropout, small rank): SA = B [N, r] read as SAᵀ[n, j], dxa stored, dB accumulated
         fused = variant.get("fused", False)
         jobs.append(("_lora_gemm_kernel", (
             _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("fp32"),
-            M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, 1, R, R, 1, 1.0, 0.5, *seed, mb),
+            M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, 1, R, R, 1, 1.0, 0.5, *seed, mb, *gp),
             dict(HAS_BIAS=False, DROPOUT=variant["dropout"], EPI_LOW=epi_low, FUSED_SHRINK=fused, COMPUTE_DB=fused,
-                 BLOCK_R=block_r, INPUT_PRECISION=prec)))
+                 BLOCK_R=block_r, INPUT_PRECISION=prec, COL_SCALE=False, SAVE_PRE=False, AOP_SCALE=dora)))
     elif kind == "dy":
         jobs.append(("_lora_dy_kernel", (
-            _t(dtype), _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), M, N, R, *dyn, R, 1, R, 1, 2.0, mb),
+            _t(dtype), _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), M, N, R, *dyn, R, 1, R, 1, 2.0, mb, _t("fp32")),
             dict(COMPUTE_DXA=variant["dxa"], COMPUTE_DB=variant["db"], EPI_LOW=epi_low, BLOCK_R=block_r,
-                 INPUT_PRECISION=prec)))
+                 INPUT_PRECISION=prec, DY_SCALE=dora)))
     elif kind == "da":
         jobs.append(("_lora_da_kernel", (
             _t("fp32"), _t(dtype), _t("fp32"), M, K, R, *xs, *seed, mb),
@@ -174,7 +179,27 @@ def _lora_linear_variants(dtype):
                     out.append(dict(kind="gemm_fwd", R=R, prec=prec, bias=bias, fused=True))
             for dxa, db in ((True, True), (True, False), (False, True)):
                 out.append(dict(kind="dy", R=R, prec=prec, dxa=dxa, db=db))
+            # DoRA (triton/dora.py, no dropout): the same kernels with g in the epilogue / on the dy tiles
+            for save_pre in (True, False):
+                out.append(dict(kind="gemm_fwd", R=R, prec=prec, bias=True, dora=True, save_pre=save_pre))
+            if R <= 32:
+                out.append(dict(kind="gemm_fwd", R=R, prec=prec, bias=True, fused=True, dora=True))
+            out.append(dict(kind="gemm_dx", R=R, prec=prec, dropout=False, dora=True))  # (never fused: launcher)
+            out.append(dict(kind="dy", R=R, prec=prec, dxa=True, db=True, dora=True))
     return out
+
+
+def _dora_jobs(dm, dtype, variant, shape):
+    """DoRA's dm column reduction (triton/dora.py ``_dora_dm_kernel``): dy and ypre [M, N], any strides."""
+    M, N = shape["M"], shape["N"]
+    ragged = shape is _SHAPES["ragged"]
+    dyn = (1, M + 5) if ragged else (N, 1)
+    mb = 1 << min(16, (M - 1).bit_length())
+    return [("_dora_dm_kernel", (_t(dtype), _t(dtype), _t("fp32"), M, N, *dyn, N, 1, mb), {})]
+
+
+def _dora_variants(dtype):
+    return [dict(kind="dm")]
 
 
 def _multi_lora_jobs(ml, dtype, variant, shape):
@@ -474,10 +499,10 @@ def _quant_linear_variants(dtype):
 
 
 def _modules():
-    from lora_kernels.triton import lora_linear, merge, moe_lora, multi_lora, quant_linear, shrink_expand
+    from lora_kernels.triton import dora, lora_linear, merge, moe_lora, multi_lora, quant_linear, shrink_expand
 
     return {"lora_linear": lora_linear, "multi_lora": multi_lora, "merge": merge, "quant_linear": quant_linear,
-            "shrink_expand": shrink_expand, "moe_lora": moe_lora}
+            "shrink_expand": shrink_expand, "moe_lora": moe_lora, "dora": dora}
 
 
 # kernels launched with one fixed config (every config must fit, like the merge's)
@@ -521,6 +546,7 @@ def _kernel_table(mods):
     mm = mods["moe_lora"]
     for name in ("_moe_fwd_kernel", "_moe_bwd_kernel", "_moe_combine_kernel", "_moe_delta_kernel"):
         table[name] = ("moe_lora", getattr(mm, name), _configs(getattr(mm, name)), None)
+    table["_dora_dm_kernel"] = ("dora", mods["dora"]._dora_dm_kernel, _configs(mods["dora"]._dora_dm_kernel), None)
     return table
 
 
@@ -595,6 +621,7 @@ def build_jobs(level: str):
         ("embedding", _embedding_variants, _embedding_jobs),
         ("shrink_expand", _shrink_expand_variants, _shrink_expand_jobs),
         ("moe_lora", _moe_lora_variants, _moe_lora_jobs),
+        ("dora", _dora_variants, _dora_jobs),
     ]
     jobs = {}
 

@@ -221,7 +221,7 @@ def _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, str
 
 @triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["m_bucket", "N", "K", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT", "FUSED_SHRINK"],
+    key=["m_bucket", "N", "K", "R", "BLOCK_R", "HAS_BIAS", "DROPOUT", "FUSED_SHRINK", "COL_SCALE", "AOP_SCALE"],
     prune_configs_by={"early_config_prune": _prune_by_m},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -237,8 +237,10 @@ def _lora_gemm_kernel(
     stride_sar, stride_sak,
     stride_xam, stride_xar,
     l_scale, shrink_scale, seed_hash, threshold, keep_scale, m_bucket,
+    g_ptr, pre_ptr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EPI_LOW: tl.constexpr, FUSED_SHRINK: tl.constexpr,
     COMPUTE_DB: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COL_SCALE: tl.constexpr, SAVE_PRE: tl.constexpr, AOP_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
@@ -250,6 +252,10 @@ def _lora_gemm_kernel(
     # L = xa (x read once). Backward dx: SA = B [N, R], shrink_scale = s, L = dxa (dy read once). COMPUTE_DB (dx with
     # FUSED_SHRINK): those programs also add s·Aopᵀ·XA (XA = xa [M, R] fp32) into the zeroed fp32 dB [N, R]
     # with atomics, one partial sum per row tile, so no other kernel reads dy.
+    # DoRA (g: fp32 [N] per-output-column factor, lora_kernels/triton/dora.py), all off for plain LoRA:
+    # COL_SCALE (forward): C = g[n]·(Aop·Bop + l_scale·L·Rt)[m, n] + bias[n], and SAVE_PRE stores the un-scaled sum
+    # (ypre, C's dtype and strides) to pre_ptr first. AOP_SCALE (backward dx): every Aop tile is read as dy⊙g,
+    # g indexed by the GEMM's K (N of the layer), so dx, the fused dxa and dB all see dy' = dy⊙g.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -298,6 +304,9 @@ def _lora_gemm_kernel(
             k_left = K - k0
             at = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             bt = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if AOP_SCALE:
+            gk = tl.load(g_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
+            at = (at.to(tl.float32) * gk[None, :]).to(at.dtype)
         if FUSED_SHRINK:
             if EVEN_K:
                 st = tl.load(sa_ptrs, mask=r_ok[None, :], other=0.0)
@@ -334,16 +343,21 @@ def _lora_gemm_kernel(
         # Epilogue: the r-wide LoRA product on tensor cores, rank padded to BLOCK_R (chunks when r > BLOCK_R).
         acc = _lora_tile(acc, l_ptr, rt_ptr, offs_m, offs_n, m_ok, n_ok, R, stride_lm, stride_lr, stride_rtr, stride_rtn,
                          l_scale, EPI_LOW, BLOCK_R, INPUT_PRECISION)
+    c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    if SAVE_PRE:
+        tl.store(pre_ptr + c_offs, acc.to(pre_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if COL_SCALE:
+        gn = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
+        acc = acc * gn[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.autotune(
     configs=DY_CONFIGS,
-    key=["m_bucket", "N", "R", "BLOCK_R", "COMPUTE_DXA", "COMPUTE_DB"],
+    key=["m_bucket", "N", "R", "BLOCK_R", "COMPUTE_DXA", "COMPUTE_DB", "DY_SCALE"],
     reset_to_zero=["dxa_ptr", "db_ptr"],
     prune_configs_by={"early_config_prune": _prune_by_m},
 )
@@ -354,14 +368,15 @@ def _lora_dy_kernel(
     stride_dym, stride_dyn,
     stride_bn, stride_br,
     stride_xam, stride_xar,
-    scale, m_bucket,
+    scale, m_bucket, g_ptr,
     COMPUTE_DXA: tl.constexpr, COMPUTE_DB: tl.constexpr, EPI_LOW: tl.constexpr,
-    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, DY_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One pass over dy: dxa[m, j] += s·Σ_n dy[m, n]·B[n, j] and dB[n, j] += s·Σ_m dy[m, n]·xa[m, j].
     # Reads dy [M, N] once, B [N, r], xa [M, r] fp32; accumulates into zeroed fp32 dxa [M, r] and dB [N, r]
     # with atomics. Grid: (row blocks, splits of the column blocks, rank chunks).
+    # DY_SCALE (DoRA): dy is read as dy⊙g, g fp32 [N] (one factor per column).
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -387,6 +402,9 @@ def _lora_dy_kernel(
         offs_n = nb * BLOCK_N + offs_n0
         n_ok = offs_n < N
         dyt = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if DY_SCALE:
+            gn = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
+            dyt = (dyt.to(tl.float32) * gn[None, :]).to(dyt.dtype)
         if COMPUTE_DXA:
             bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
                          mask=n_ok[:, None] & r_ok[None, :], other=0.0)
@@ -510,13 +528,22 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
     """Fused forward. x [M, K] (any strides), weight [N, K], lora_a [r, K], lora_b [N, r], bias [N] or None.
 
     Returns ``(y [M, N] in x.dtype, xa [M, r] fp32)``; see the module docstring."""
+    y, xa, _ = fwd(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed)
+    return y, xa
+
+
+def fwd(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, g=None, save_pre=False):
+    """:func:`lora_linear_fwd_triton`, and DoRA's forward when ``g`` (fp32 [N], contiguous) is given: the GEMM epilogue
+    multiplies column n by g[n] before adding the bias, and with ``save_pre`` first stores the un-scaled result.
+    Returns ``(y, xa, ypre or None)``."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_a.shape[0]
     y = _alloc((M, N), x.dtype, x.device)
     xa = _alloc((M, R), torch.float32, x.device)
+    pre = _alloc((M, N), x.dtype, x.device) if save_pre else None
     if M == 0:
-        return y, xa
+        return y, xa, pre
     if lora_a.dtype != x.dtype:
         lora_a = lora_a.to(x.dtype)
     if lora_b.dtype != x.dtype:
@@ -552,14 +579,17 @@ def lora_linear_fwd_triton(x, weight, lora_a, lora_b, scale, bias, dropout_p, se
                 l_scale=float(scale), dropout=(False, 0, 0, 1.0), precision=precision,
                 block_r=block_r, m_bucket=m_bucket,
                 shrink=(lora_a, lora_a.stride(0), lora_a.stride(1)) if fused else None,
+                g=g, pre=pre,
             )
-    return y, xa
+    return y, xa, pre
 
 
 def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_scale, dropout, precision, block_r, m_bucket,
-                 shrink=None, shrink_scale=1.0, db=None):
+                 shrink=None, shrink_scale=1.0, db=None, g=None, pre=None, aop_scale=False):
     """``shrink``: (SA, stride over r, stride over the GEMM's K) for FUSED_SHRINK (then ``l`` is an output, written
-    by the kernel); ``db``: (xa, dB fp32 zeroed) for COMPUTE_DB."""
+    by the kernel); ``db``: (xa, dB fp32 zeroed) for COMPUTE_DB. DoRA: ``g`` (fp32 contiguous) scales the output
+    columns (COL_SCALE; ``pre``, same layout as c, receives the un-scaled result), or with ``aop_scale`` the Aop
+    columns (AOP_SCALE: dy⊙g in the dx GEMM)."""
     drop, seed_hash, threshold, keep_scale = dropout
     sa, stride_sar, stride_sak = shrink if shrink is not None else (rt, 0, 0)
     xa, db32 = db if db is not None else (l, l)
@@ -575,14 +605,17 @@ def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_sca
         stride_sar, stride_sak,
         xa.stride(0), xa.stride(1),
         l_scale, float(shrink_scale), seed_hash, threshold, keep_scale, m_bucket,
+        g if g is not None else c, pre if pre is not None else c,
         HAS_BIAS=bias is not None, DROPOUT=drop, EPI_LOW=(c.dtype == torch.bfloat16),
         FUSED_SHRINK=shrink is not None, COMPUTE_DB=db is not None, BLOCK_R=block_r, INPUT_PRECISION=precision,
+        COL_SCALE=g is not None and not aop_scale, SAVE_PRE=pre is not None, AOP_SCALE=g is not None and aop_scale,
     )
 
 
-def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision) -> None:
+def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision, g=None) -> None:
     """One pass over dy [M, N]: dxa += s·dy·B into the zeroed fp32 ``dxa`` [M, R] and dB += s·dyᵀ·xa into the zeroed
-    fp32 ``db32`` [N, R] (either may be None), split over N so about two programs per SM are in flight."""
+    fp32 ``db32`` [N, R] (either may be None), split over N so about two programs per SM are in flight. DoRA: with
+    ``g`` (fp32 [N] contiguous) dy is read as dy⊙g."""
     M, N = dy.shape
     R = b_op.shape[1]
     r_chunks = triton.cdiv(R, block_r)
@@ -599,9 +632,9 @@ def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision) -
         dy.stride(0), dy.stride(1),
         b_op.stride(0), b_op.stride(1),
         xa.stride(0), xa.stride(1),
-        float(scale), m_bucket,
+        float(scale), m_bucket, g if g is not None else xa,
         COMPUTE_DXA=dxa is not None, COMPUTE_DB=db32 is not None, EPI_LOW=dy.dtype == torch.bfloat16,
-        BLOCK_R=block_r, INPUT_PRECISION=precision,
+        BLOCK_R=block_r, INPUT_PRECISION=precision, DY_SCALE=g is not None,
     )
 
 
@@ -633,11 +666,12 @@ def launch_da(dxa, x, drop_args, *, block_r, m_bucket, precision) -> torch.Tenso
     return da32
 
 
-def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask):
+def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, g=None):
     """Fused backward. dy [M, N] (any strides), x [M, K] or None (LoRA-FA), xa [M, r] fp32 from the forward.
 
     ``output_mask`` selects (dx, dA, dB, dW0); the others come back as None. Gradients are in their
-    parameter's dtype (dx in dy.dtype); see the module docstring."""
+    parameter's dtype (dx in dy.dtype); see the module docstring. DoRA (no dropout): with ``g`` (fp32 [N]
+    contiguous) every kernel reads dy as dy⊙g (the dx GEMM's Aop tiles, the dy kernel's tiles)."""
     need_dx, need_da, need_db, need_dw = (bool(v) for v in output_mask)
     M, N = dy.shape
     R, K = lora_a.shape
@@ -663,7 +697,10 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
     need_dxa = need_dx or need_da
     # As in the forward: without dropout and for small ranks the dx GEMM also forms dxa = s·dy·B in its K loop and
     # dB = s·dyᵀ·xa from the dy tiles it loads, so dy is read once and the dy kernel does not run.
-    fused = need_dx and K > 0 and N > 0 and not drop_args[0] and R <= min(block_r, FUSED_SHRINK_MAX_R)
+    # DoRA (g) takes the unfused path: with AOP_SCALE the fused dx GEMM spilled registers on Hopper's large tiles
+    # (tests/triton_aot.py), the unfused one does not; the cost is one more read of dy (by the dy kernel).
+    fused = (need_dx and K > 0 and N > 0 and not drop_args[0] and R <= min(block_r, FUSED_SHRINK_MAX_R)
+             and g is None)
     dx = da = db = dw = None
     with _device_ctx(dy):
         if fused:
@@ -672,7 +709,7 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
             dxa = torch.zeros((M, R), dtype=torch.float32, device=dev) if need_dxa else None
         db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db else None
         if (need_dxa or need_db) and N > 0 and not fused:
-            launch_dy(dy, b_op, xa, dxa, db32, scale, block_r=block_r, m_bucket=m_bucket, precision=precision)
+            launch_dy(dy, b_op, xa, dxa, db32, scale, block_r=block_r, m_bucket=m_bucket, precision=precision, g=g)
         if need_dx:
             dx = _alloc((M, K), dy.dtype, dev)
             if K > 0:
@@ -685,11 +722,13 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
                     block_r=block_r, m_bucket=m_bucket,
                     shrink=(b_op, b_op.stride(1), b_op.stride(0)) if fused else None,  # SAᵀ[n, j] = B[n, j]
                     shrink_scale=float(scale), db=(xa, db32) if (fused and need_db) else None,
+                    g=g, aop_scale=True,
                 )
         if need_da:
             da = launch_da(dxa, x, drop_args, block_r=block_r, m_bucket=m_bucket, precision=precision).to(lora_a.dtype)
         if need_db:
             db = db32.to(lora_b.dtype)
         if need_dw:
-            dw = torch.matmul(dy.t(), x.to(dy.dtype)).to(weight.dtype)
+            dyw = dy if g is None else (dy.float() * g).to(dy.dtype)
+            dw = torch.matmul(dyw.t(), x.to(dy.dtype)).to(weight.dtype)
     return dx, da, db, dw
