@@ -546,3 +546,97 @@ def test_dora_merge_opcheck():
     g = m / dora_weight_norm(W0, A, B, s)
     for inverse in (False, True):
         torch.library.opcheck(torch.ops.lora_kernels.merge_dora_.default, (W0.clone(), A, B, s, g, inverse, "torch"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRALinear(use_dora=True): merge / unmerge and PEFT files both ways (needs the training half of DoRA)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _needs_loralinear_dora():
+    import inspect
+
+    if "use_dora" not in inspect.signature(lora_kernels.LoRALinear.__init__).parameters:
+        pytest.skip("LoRALinear has no use_dora in this tree")
+
+
+def _randomize_dora_(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora_kernels.LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
+                m.lora_magnitude.mul_(1 + 0.3 * torch.randn(m.lora_magnitude.shape, generator=gen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loralinear_dora_merge_unmerge(dtype):
+    """merge() writes g⊙(W0 + s·B·A): the merged layer's output equals the DoRA forward; unmerge() gives W0 back bit for
+    bit (the exact pair), and the layer computes what it computed before merging."""
+    _needs_loralinear_dora()
+    torch.manual_seed(14)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 19), torch.nn.Linear(19, 13)).to(dtype)
+    lora_kernels.inject_lora(net, ["0", "1"], 4, 8, backend="torch", use_dora=True)
+    _randomize_dora_(net, 15)
+    net.eval()
+    x = torch.randn(7, 24).to(dtype)
+    W0 = [net[i].weight.detach().clone() for i in range(2)]
+    with torch.no_grad():
+        y = net(x)
+        for i in range(2):
+            net[i].merge()
+            assert net[i].merged and not torch.equal(net[i].weight, W0[i])
+            g = net[i].lora_magnitude.float() / dora_weight_norm(W0[i], net[i].lora_A, net[i].lora_B, net[i].scale)
+            exp = g.double()[:, None] * (W0[i].double() + net[i].scale * net[i].lora_B.double() @ net[i].lora_A.double())
+            assert_close_rel(net[i].weight, exp, TOL[dtype], f"merged W {i}")
+        assert_close_rel(net(x), y, TOL[dtype], "merged output")
+        for i in range(2):
+            net[i].unmerge()
+            assert torch.equal(net[i].weight, W0[i]), f"layer {i}: unmerge is not bit-exact"
+        assert torch.equal(net(x), y)
+
+
+def _llama_pair(seed=16):
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    return base, copy.deepcopy(base), copy.deepcopy(base)
+
+
+def test_peft_dora_file_loads_into_loralinear_and_back(tmp_path):
+    """PEFT DoRA adapter (saved by PEFT) -> load_peft_adapter_ into inject_lora(use_dora=True): logits equal PEFT's;
+    save_peft_adapter of that model -> PeftModel.from_pretrained: logits equal again, magnitudes bit-identical."""
+    _needs_loralinear_dora()
+    peft = pytest.importorskip("peft")
+    base, ours_base, fresh = _llama_pair()
+    tm = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=6, target_modules=tm, use_dora=True)).eval()
+    with torch.no_grad():
+        for mod in pm.modules():
+            if isinstance(getattr(mod, "lora_B", None), torch.nn.ModuleDict):
+                mod.lora_B["default"].weight.normal_(0, 0.3)
+                mod.lora_magnitude_vector["default"].weight.mul_(1 + 0.3 * torch.randn_like(
+                    mod.lora_magnitude_vector["default"].weight))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        want = pm(ids).logits
+    from lora_kernels.peft_io import load_peft_adapter_, save_peft_adapter
+
+    ours = lora_kernels.inject_lora(ours_base, tm, r=4, alpha=6, backend="torch", use_dora=True).eval()
+    load_peft_adapter_(ours, str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert_close_rel(ours(ids).logits, want, TOL[torch.float32], "PEFT file -> LoRALinear(use_dora)")
+    cfg = save_peft_adapter(ours, str(tmp_path / "ours"))
+    assert cfg["use_dora"] is True
+    back = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert_close_rel(back(ids).logits, want, TOL[torch.float32], "LoRALinear(use_dora) file -> PEFT")
+    for name, mod in back.named_modules():
+        if isinstance(getattr(mod, "lora_magnitude_vector", None), torch.nn.ModuleDict) and "default" in mod.lora_magnitude_vector:
+            ours_m = ours.get_submodule(name.replace("base_model.model.", "", 1)).lora_magnitude
+            assert torch.equal(mod.lora_magnitude_vector["default"].weight, ours_m), name
