@@ -640,3 +640,40 @@ def test_peft_dora_file_loads_into_loralinear_and_back(tmp_path):
         if isinstance(getattr(mod, "lora_magnitude_vector", None), torch.nn.ModuleDict) and "default" in mod.lora_magnitude_vector:
             ours_m = ours.get_submodule(name.replace("base_model.model.", "", 1)).lora_magnitude
             assert torch.equal(mod.lora_magnitude_vector["default"].weight, ours_m), name
+
+
+def test_add_lora_dora_triton_traffic():
+    """The DoRA epilogue reads each used adapter's g row once (decode: tokens of distinct adapters; prefill: one read
+    per tile) and moves nothing else extra; counted exactly under the interpreter with the GPU configs."""
+    import contextlib
+
+    traffic = pytest.importorskip("traffic")
+    if not traffic.interpreting():
+        pytest.skip("counts bytes under TRITON_INTERPRET=1")
+    for strategy, M, L, cfgs in (
+        ("bgmv", 16, 16, {tml._bgmv_shrink_kernel: tml._BGMV_SHRINK_CONFIGS.gpu[0],
+                          tml._bgmv_expand_kernel: tml._BGMV_EXPAND_CONFIGS.gpu[0]}),
+        ("sgmv", 128, 8, {tml._sgmv_shrink_kernel: tml._SHRINK_CONFIGS.gpu[0],
+                          tml._sgmv_expand_kernel: tml._EXPAND_CONFIGS.gpu[0]})):
+        ids = torch.randperm(L, generator=torch.Generator().manual_seed(0)).repeat(M // L).to(torch.int32)
+        c = traffic.add_lora_case(M, L, 16, 256, 256, ids=ids)
+        g, bias = torch.rand(L, 256) + 0.5, torch.randn(256).half()
+        meta = LoRABatchMeta(c["ids"], L).groups if strategy == "sgmv" else None
+        totals = {}
+        for dora in (False, True):
+            y = c["y"].clone()
+            kw = dict(magnitudes=g, bias=bias) if dora else {}
+            tracked = dict(y=y, x=c["x"], A=c["A"], B=c["B"], ids=c["ids"], scales=c["scales"], **kw)
+            if dora:
+                tracked = dict(tracked, g=tracked.pop("magnitudes"))
+            with contextlib.ExitStack() as st:
+                st.enter_context(traffic.gpu_programs())
+                for k, cf in cfgs.items():
+                    st.enter_context(traffic.force_config(k, cf))
+                with traffic.Traffic(**tracked) as tr:
+                    tml.add_lora_triton(y, c["x"], [c["A"]], [c["B"]], c["ids"], c["scales"], None, groups=meta,
+                                        strategy=strategy, **kw)
+            totals[dora] = {k: v.req for k, v in tr.stats.items()}
+        assert totals[True]["g"] == g.numel() * 4, (strategy, totals[True]["g"])  # each adapter row once
+        extra = sum(totals[True].values()) - sum(totals[False].values()) - totals[True]["g"] - totals[True]["bias"]
+        assert extra == 0, (strategy, totals)
