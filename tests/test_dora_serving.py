@@ -172,6 +172,11 @@ def test_add_lora_dora_cuda_emulated():
         assert torch.equal(run_cuda(c, meta.groups)[rows], run_cuda(c, meta.groups, dora=False)[rows]), dtype
     c = make_case(9, 8, [6, 5], 2, 0, torch.float32, seed=13)
     check(c, run_cuda(c), "cuda r_max=0")
+    c = make_case(10, 8, [5, 3], 3, 4, torch.float32, seed=14)
+    xa = torch.ops.lora_kernels.cuda_multi_lora_shrink(c["x"], c["A"][1], c["ids"], c["ranks"])
+    for kw in (dict(magnitudes=c["g"], bias=c["bias"]), dict(magnitudes=c["g"])):
+        torch.library.opcheck(torch.ops.lora_kernels.cuda_multi_lora_expand_.default,
+                              (c["y"].clone(), xa, c["B"][1], c["ids"], c["scales"], c["ranks"], 5), kw)
 
 
 def test_add_lora_dora_fp64_magnitudes_torch():
