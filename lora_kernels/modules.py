@@ -275,12 +275,14 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 def unsupported_base(who: str, module: nn.Module, name: Optional[str] = None) -> str:
     """The error message for a module LoRA cannot wrap (convolutions named as such)."""
     what = f"module {name!r} ({type(module).__name__})" if name is not None else type(module).__name__
-    if isinstance(module, nn.Conv2d) and who == "LoRALinear":
-        return f"{who}: {what} is a 2-D convolution; use lora_kernels.LoRAConv2d (inject_lora picks it)"
+    if who == "LoRALinear":
+        hint = ("; for a 2-D convolution use lora_kernels.LoRAConv2d (inject_lora picks it)" if isinstance(module, nn.Conv2d)
+                else "; LoRA on this convolution is not supported" if isinstance(module, _CONV) else "")
+        return f"LoRALinear wraps an nn.Linear or a transformers Conv1D, got {what}{hint}"
     if isinstance(module, _CONV):
         return (f"{who}: {what}: LoRA on this convolution is not supported (targets: nn.Linear, transformers Conv1D, "
                 "nn.Embedding, nn.Conv2d)")
-    return f"{who}: wraps an nn.Linear or a transformers Conv1D, got {what}"
+    return f"{who}: {what} is not a LoRA target (nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d)"
 
 
 def _matches(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
@@ -346,9 +348,9 @@ def inject_lora(
     if not hits:
         if moe_hits:
             return model
-        raise ValueError(f"inject_lora: no nn.Linear / Conv1D / nn.Embedding in the model matches target_modules={target_modules!r} (a layer "
-                         "that already has LoRA takes another adapter with lora_kernels.add_adapter(model, name, "
-                         "target_modules, r, alpha))")
+        raise ValueError(f"inject_lora: no nn.Linear in the model matches target_modules={target_modules!r} (nor a "
+                         "transformers Conv1D, nn.Embedding or nn.Conv2d; a layer that already has LoRA takes another "
+                         "adapter with lora_kernels.add_adapter(model, name, target_modules, r, alpha))")
     names_of: Dict[int, list] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(pname)

@@ -353,8 +353,11 @@ def test_inject_lora_refuses_convolutions_by_name():
     with pytest.raises(TypeError, match=r"module '2' \(Conv2d\): .*dilation=\(2, 2\)"):
         lk.inject_lora(model, ["2"], r=2, alpha=2)
     assert isinstance(model[1], nn.Conv2d), "a refused injection leaves the model as it was"
-    with pytest.raises(TypeError, match="is a 2-D convolution; use lora_kernels.LoRAConv2d"):
+    with pytest.raises(TypeError, match="LoRALinear wraps an nn.Linear or a transformers Conv1D, got Conv2d; for a 2-D "
+                                        "convolution use lora_kernels.LoRAConv2d"):
         lk.LoRALinear(nn.Conv2d(3, 4, 1), 2, 2)
+    with pytest.raises(TypeError, match="got Conv1d; LoRA on this convolution is not supported"):
+        lk.LoRALinear(nn.Conv1d(3, 4, 1), 2, 2)
 
 
 # ------------------------------------------------------------------------------------------------
