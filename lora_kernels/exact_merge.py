@@ -294,6 +294,53 @@ def rebind_record_(record, old_weight: torch.Tensor, new_weight: torch.Tensor) -
     return True
 
 
+def record_to_tensor(record: MergeRecord) -> torch.Tensor:
+    """Serialise a (single-use, unconsumed) record into a CPU uint8 tensor, so it can travel in a state dict
+    (``torch.save`` and safetensors alike). Only what the unmerge needs is kept (not the weight's identity, which
+    :func:`record_from_tensor` takes from the weight it is loaded next to). Needs ``snapshot=True`` records."""
+    import io
+
+    if not isinstance(record, MergeRecord) or record.consumed or not record.snapshot:
+        raise LoRAInputError("record_to_tensor: needs an unused MergeRecord made with snapshot=True")
+    payload = {
+        "version": 1, "backend": record.backend, "config": record.config,
+        "lora_a": [t.detach().cpu() for t in record.lora_a], "lora_b": [t.detach().cpu() for t in record.lora_b],
+        "scales": [float(s) for s in record.scales], "shape": list(record.weight_shape),
+        "dtype": str(record.weight_dtype).replace("torch.", ""), "repair_index": record.repair_index.cpu(),
+        "repair_bits": record.repair_bits.cpu(), "n_nonfinite": int(record.n_nonfinite),
+        "dora_factor": None if getattr(record, "dora_factor", None) is None else record.dora_factor.detach().cpu(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def record_from_tensor(t: torch.Tensor, weight: torch.Tensor) -> MergeRecord:
+    """The record serialised by :func:`record_to_tensor`, bound to ``weight`` as it is now (which must hold the merged
+    bits the record was made with: a state dict's weight loaded next to it). Raises LoRAInputError when the shape or
+    dtype disagree or the backend is not available here."""
+    import io
+
+    try:
+        p = torch.load(io.BytesIO(t.detach().cpu().numpy().tobytes()), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decoding problem is a bad record
+        raise LoRAInputError(f"record_from_tensor: not a serialised MergeRecord ({e})") from None
+    if not isinstance(p, dict) or p.get("version") != 1:
+        raise LoRAInputError("record_from_tensor: not a serialised MergeRecord (version 1)")
+    if list(weight.shape) != p["shape"] or str(weight.dtype).replace("torch.", "") != p["dtype"]:
+        raise LoRAInputError(f"record_from_tensor: the record is for a {p['dtype']} weight {p['shape']}, not "
+                             f"{weight.dtype} {list(weight.shape)}")
+    dev = weight.device
+    return MergeRecord(
+        backend=p["backend"], config=p["config"], lora_a=[a.to(dev) for a in p["lora_a"]],
+        lora_b=[b.to(dev) for b in p["lora_b"]], scales=tuple(p["scales"]), snapshot=True, adapter_versions=None,
+        weight_ptr=weight.data_ptr(), weight_shape=tuple(weight.shape), weight_stride=tuple(weight.stride()),
+        weight_dtype=weight.dtype, weight_device=dev, repair_index=p["repair_index"].to(dev),
+        repair_bits=p["repair_bits"].to(dev), n_nonfinite=p["n_nonfinite"], weight_version=_version(weight),
+        dora_factor=None if p.get("dora_factor") is None else p["dora_factor"].to(dev),
+    )
+
+
 def _unmerge_apply(weight: torch.Tensor, record: MergeRecord) -> None:
     if record.dora_factor is not None:  # DoRA: round(W'/g − s·B·A), as the merge's check computed it
         launcher("merge_dora", record.backend)(weight, record.lora_a[0], record.lora_b[0], record.scales[0],

@@ -322,15 +322,54 @@ class NamedAdaptersMixin:
             rebind_record_(rec, old_w, new_w)
         return new
 
+    # -- the merge record in a state dict -------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A merged layer's state dict also holds its exact-merge record, serialised as one uint8 tensor
+        ``lora_merge_record`` (``exact_merge.record_to_tensor``), so that loading it (next to the merged ``weight``)
+        gives a merged layer that unmerges bit for bit. An unmerged layer's keys are unchanged."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
+        if not self.merged:
+            return
+        from .exact_merge import _check_record, record_to_tensor
+
+        rec = self.__dict__.get("_merge_record")
+        try:
+            _check_record("state_dict", self.weight_nk if hasattr(self, "weight_nk") else self.weight, rec, None)
+            destination[prefix + "lora_merge_record"] = record_to_tensor(rec)
+        except LoRAInputError as e:
             warnings.warn(
-                "LoRALinear.state_dict(): the layer is merged, so 'weight' holds W0 + ΔW, and the exact-merge record is "
-                "not part of a state dict (it cannot be saved: load_state_dict writes the weight in place, which a "
-                "record refuses). Loading this state dict into an unmerged LoRALinear applies the adapter twice; load it "
-                "into a plain model (without the lora_* keys), export with lora_kernels.merge_and_unload(model), or "
-                "unmerge() before saving to keep W0.", UserWarning, stacklevel=3)
+                f"LoRALinear.state_dict(): the layer is merged ('weight' holds W0 + ΔW) but its merge record cannot be "
+                f"saved ({e}). Loading this state dict into an unmerged LoRALinear applies the adapter twice; export "
+                "with lora_kernels.merge_and_unload(model), or unmerge() before saving to keep W0.", UserWarning,
+                stacklevel=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading a ``weight`` sets the layer merged (with the saved record, re-bound to this weight) when the state
+        dict came from a merged layer, and unmerged otherwise (the loaded weight is then W0)."""
+        rec_t = state_dict.pop(prefix + "lora_merge_record", None)
+        has_w = (prefix + "weight") in state_dict
+        n_err = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not has_w or len(error_msgs) > n_err:
+            return
+        if rec_t is None:
+            if self.merged:  # the weight just loaded is an unmerged one
+                self.__dict__["_merge_record"] = None
+                self.merged = False
+                self.merged_adapters = ()
+            return
+        from .exact_merge import record_from_tensor
+
+        try:
+            rec = record_from_tensor(rec_t, self.weight_nk if hasattr(self, "weight_nk") else self.weight)
+        except LoRAInputError as e:
+            error_msgs.append(f"{prefix}lora_merge_record: {e}")
+            return
+        self.__dict__["_merge_record"] = rec
+        self.merged = True
+        self.merged_adapters = self.active_adapters
 
     # -- weighted combination -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -200,15 +200,59 @@ def test_deepcopy_of_a_stale_record_still_warns():
         twin[0].unmerge()
 
 
-def test_state_dict_of_a_merged_layer_warns():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_dict_carries_the_merge_record(tmp_path, dtype):
+    """A merged model's state dict -> torch.save / safetensors -> a fresh (unmerged) LoRA model: it is merged, its
+    output is the merged one, and unmerge() restores W0 bit for bit, without a warning."""
+    from safetensors.torch import load_file, save_file
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 8)).to(dtype)
+        return lk.inject_lora(m, ["0", "2"], 4, 8, backend="torch")
+
+    net = build()
+    _randomize(net, 0.3)
+    w0 = [_bits(net[i].weight) for i in (0, 2)]
+    unmerged_keys = sorted(net.state_dict())
+    assert "0.lora_merge_record" not in unmerged_keys  # an unmerged layer's keys are unchanged
+    for i in (0, 2):
+        net[i].merge()
+    assert net[0]._merge_record.n_repairs > 0
+    x = torch.randn(3, 24, dtype=dtype)
+    want = net(x)
+    sd = net.state_dict()
+    assert sorted(sd) == sorted(unmerged_keys + ["0.lora_merge_record", "2.lora_merge_record"])
+    torch.save(sd, tmp_path / "sd.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "sd.safetensors"))
+    for loaded in (torch.load(tmp_path / "sd.pt", weights_only=True), load_file(str(tmp_path / "sd.safetensors"))):
+        fresh = build()
+        fresh.load_state_dict(loaded, strict=True)
+        assert fresh[0].merged and fresh[2].merged
+        assert torch.equal(fresh(x), want)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for i, w in zip((0, 2), w0):
+                fresh[i].unmerge()
+                assert torch.equal(_bits(fresh[i].weight), w)
+    # an unmerged state dict loaded into a merged layer: the layer is unmerged (its weight is W0 now)
+    net2 = build()
+    net2[0].merge()
+    net2.load_state_dict(build().state_dict())
+    assert not net2[0].merged and torch.equal(_bits(net2[0].weight), w0[0])
+    # a plain model takes the merged weights once the lora_* keys are dropped
+    plain = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 8)).to(dtype)
+    plain.load_state_dict({k: v for k, v in sd.items() if "lora_" not in k})
+    assert torch.equal(plain(x), want)
+
+
+def test_state_dict_of_a_stale_merge_warns():
     net = lk.inject_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], 2, 4, backend="torch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        keys = sorted(net.state_dict())  # unmerged: silent, the usual keys
-    assert keys == ["0.bias", "0.lora_A", "0.lora_B", "0.weight"]
     net[0].merge()
-    with pytest.warns(UserWarning, match="exact-merge record is not part of a state dict"):
-        assert sorted(net.state_dict()) == keys  # same keys: nothing about the merge is saved
+    with torch.no_grad():
+        net[0].weight.add_(1)  # the record no longer describes the weight
+    with pytest.warns(UserWarning, match="merge record cannot be saved"):
+        assert "0.lora_merge_record" not in net.state_dict()
 
 
 def test_gpt2_conv1d_merge_and_unload_save_pretrained(tmp_path):
