@@ -101,7 +101,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dt, device=dev))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dt, device=dev))
         self.merged = False
-        self._merge_record: Optional[MergeRecord] = None  # set by merge(); not part of the state dict
+        self._merge_record: Optional[MergeRecord] = None  # set by merge(); in state dicts as lora_merge_record
         # Other names of self.weight in the model it was injected into (a tied lm_head / embedding); set by
         # inject_lora. merge() refuses to change a tied weight unless asked.
         self.tied_to: Tuple[str, ...] = ()
@@ -175,7 +175,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         """Fold ``scale·B·A`` into the base weight in place (fp32 accumulate, one rounding), losslessly.
 
         Uses :func:`lora_kernels.merge_exact_`: the returned record (a repair list plus a snapshot of A and B;
-        see ``lora_kernels.exact_merge``) is kept on the module as ``_merge_record`` (not in the state dict),
+        see ``lora_kernels.exact_merge``) is kept on the module as ``_merge_record`` (serialised into state dicts as ``lora_merge_record``),
         so :meth:`unmerge` restores the base weight bit-for-bit — even if lora_A / lora_B were changed while
         merged (the record removes exactly what was added; the new A/B are used from then on).
 
