@@ -500,6 +500,11 @@ def add_adapter(model: nn.Module, adapter_name: str, target_modules: Union[str, 
     ``target_modules`` (names / suffixes, or a regex string, as :func:`lora_kernels.inject_lora`). Returns the
     names of the layers it was added to; raises when none matched."""
     tm = target_modules if isinstance(target_modules, str) else list(target_modules)
+    other = [n for n, m in model.named_modules() if _matches(n, tm) and not isinstance(m, NamedAdaptersMixin)
+             and any(k.startswith("lora_") for k, _ in m.named_parameters(recurse=False))]
+    if other:  # LoRAQuantLinear, LoRAEmbedding, MoE expert LoRA: one adapter each
+        raise LoRAInputError(f"add_adapter: named adapters are implemented for LoRALinear only; {other[:3]} are other "
+                             "LoRA layers (quantised base, embedding or MoE experts)")
     hits = [(n, m) for n, m in _layers(model, "add_adapter") if _matches(n, tm)]
     if not hits:
         raise LoRAInputError(f"add_adapter: no LoRALinear layer matches target_modules={tm!r} (inject_lora first)")

@@ -338,6 +338,13 @@ def test_model_level_add_adapter_requires_a_match():
     _, ours = _pair()
     with pytest.raises(LoRAInputError, match="no LoRALinear layer matches"):
         lk.add_adapter(ours, "z", ["k_proj"], 2, 2)
+    emb = nn.Module()
+    emb.tok = nn.Embedding(10, 4)
+    emb.proj = nn.Linear(4, 4)
+    lk.inject_lora(emb, ["tok", "proj"], 2, 2)
+    with pytest.raises(LoRAInputError, match=r"LoRALinear only; \['tok'\]"):
+        lk.add_adapter(emb, "z", ["tok", "proj"], 2, 2)
+    assert emb.proj.adapter_names == ("default",)  # refused before anything was added
     with pytest.raises(LoRAInputError, match="unknown adapter"):
         lk.set_adapter(ours, "zz")
     lk.delete_adapter(ours, "c")
