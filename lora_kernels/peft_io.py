@@ -466,7 +466,7 @@ def load_peft_into_slots(slots, source, module_path, slot: int, *, name: Optiona
     :func:`read_peft_adapter` (read once, load many layers). ``module_path`` is the layer's path in the base
     model (e.g. ``"model.layers.0.self_attn.q_proj"``), or one path per output slice for q/k/v-packed slots.
     A slice whose module the adapter does not have is left out (zero weights: PEFT's Llama default targets q and v
-    only), and slices may differ in rank and scale (``AdapterSlots._fill_slices``); at least one must be present.
+    only), and slices may differ in rank and scale (``serving.fill_slices``); at least one must be present.
     Returns the slot.
 
     DoRA adapters (``use_dora``) need ``base_weight``: the layer's frozen W0 ([N, K], one per slice or the packed

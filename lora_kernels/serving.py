@@ -27,13 +27,77 @@ def _shape(t) -> str:
     return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def fill_slices(where: str, in_features: int, out_features: Sequence[int], As: list, Bs: list, scale):
+    """Reduce an adapter whose packed slices differ to the stacked layout (one rank, one scale per slot):
+
+    * a slice given as None (lora_A and lora_B both None) is one the adapter does not touch: zero weights;
+    * slices of different ranks are zero-padded to the largest (the padding adds exactly 0);
+    * ``scale`` may be one number per slice (None for a slice left out). ``add_lora`` takes one scale per
+      adapter, so the slot keeps ``s_ref`` (the first nonzero slice scale) and slice s is loaded as
+      ``B_s·(s_s/s_ref)``, formed in float64 and rounded once to the slots' dtype: exact for fp32 slots up to
+      that one rounding; for 16-bit slots it replaces the rounding of B_s by the rounding of the product (same
+      size, measured in tests/test_named_adapters.py). Slices whose scale equals s_ref are copied unchanged.
+
+    Returns (As, Bs, scale) for ``load``; malformed tensors are passed through for its checks to name (``where``
+    names the caller in the errors raised here; ShardedAdapterSlots.load uses it too)."""
+    S = len(out_features)
+    per_slice = isinstance(scale, (list, tuple))
+    if len(As) != S or len(Bs) != S or (not per_slice and all(a is not None and b is not None for a, b in zip(As, Bs))
+                                        and len({a.shape[0] if isinstance(a, torch.Tensor) and a.dim() == 2 else -1
+                                                 for a in As}) == 1):
+        return As, Bs, scale  # the usual case (or a count mismatch load reports): unchanged
+    for s, (a, b) in enumerate(zip(As, Bs)):
+        if (a is None) != (b is None):
+            raise LoRAInputError(f"{where}: slice {s}: give lora_A and lora_B, or None for both (a slice "
+                                 "the adapter leaves out)")
+    present = [s for s in range(S) if As[s] is not None]
+    if not present:
+        raise LoRAInputError(f"{where}: every slice is None (evict() empties a slot)")
+    if any(not isinstance(As[s], torch.Tensor) or As[s].dim() != 2 or not isinstance(Bs[s], torch.Tensor)
+           or Bs[s].dim() != 2 for s in present):
+        return As, Bs, scale
+    scales = list(scale) if per_slice else [scale] * S
+    if len(scales) != S:
+        raise LoRAInputError(f"{where}: scale must be one number or one per slice ({S}), got {len(scales)}")
+    for s in present:
+        try:
+            v = float(scales[s])
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not math.isfinite(v):
+            raise LoRAInputError(f"{where}: scale[{s}] must be a finite number, got {scales[s]!r}")
+        scales[s] = v
+    for s in present:
+        if Bs[s].shape[1] != As[s].shape[0]:
+            raise LoRAInputError(f"{where}: slice {s}: lora_A has r={As[s].shape[0]} rows but lora_B has "
+                                 f"{Bs[s].shape[1]} columns")
+    r = max(As[s].shape[0] for s in present)
+    s_ref = next((scales[s] for s in present if scales[s] != 0.0), 0.0)
+    ref = As[present[0]]
+    outA, outB = [], []
+    for s in range(S):
+        if s not in present:
+            outA.append(torch.zeros(r, in_features, dtype=ref.dtype, device=ref.device))
+            outB.append(torch.zeros(out_features[s], r, dtype=ref.dtype, device=ref.device))
+            continue
+        a, b = As[s], Bs[s]
+        if s_ref != 0.0 and scales[s] != s_ref:
+            b = b.detach().to(torch.float64) * (scales[s] / s_ref)
+        if a.shape[0] < r:
+            a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], 0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], 1)
+        outA.append(a)
+        outB.append(b)
+    return outA, outB, s_ref
+
+
 class AdapterSlots:
     """Stacked adapter weights of one LoRA layer (optionally q/k/v-packed), with slot bookkeeping.
 
     ``lora_a[s]`` is [L, r_max, K] and ``lora_b[s]`` is [L, N_s, r_max] for each output slice s (widths
     ``out_features``); ``scales`` [L] (fp32) and ``ranks`` [L] (int32). Empty slots have rank 0 and zero weights. An adapter may leave
     packed slices out (None: zero weights there, e.g. PEFT's Llama default targets q and v only) and give each slice
-    its own rank and scale (:meth:`_fill_slices` folds them into the one rank and scale a slot holds).
+    its own rank and scale (:func:`fill_slices` folds them into the one rank and scale a slot holds).
 
     Example::
 
@@ -101,66 +165,8 @@ class AdapterSlots:
 
     # -- load / evict ------------------------------------------------------------------------
     def _fill_slices(self, As: list, Bs: list, scale):
-        """Reduce an adapter whose packed slices differ to the stacked layout (one rank, one scale per slot):
-
-        * a slice given as None (lora_A and lora_B both None) is one the adapter does not touch: zero weights;
-        * slices of different ranks are zero-padded to the largest (the padding adds exactly 0);
-        * ``scale`` may be one number per slice (None for a slice left out). ``add_lora`` takes one scale per
-          adapter, so the slot keeps ``s_ref`` (the first nonzero slice scale) and slice s is loaded as
-          ``B_s·(s_s/s_ref)``, formed in float64 and rounded once to the slots' dtype: exact for fp32 slots up to
-          that one rounding; for 16-bit slots it replaces the rounding of B_s by the rounding of the product (same
-          size, measured in tests/test_named_adapters.py). Slices whose scale equals s_ref are copied unchanged.
-
-        Returns (As, Bs, scale) for :meth:`load`; malformed tensors are passed through for its checks to name."""
-        S = len(self.out_features)
-        per_slice = isinstance(scale, (list, tuple))
-        if len(As) != S or len(Bs) != S or (not per_slice and all(a is not None and b is not None for a, b in zip(As, Bs))
-                                            and len({a.shape[0] if isinstance(a, torch.Tensor) and a.dim() == 2 else -1
-                                                     for a in As}) == 1):
-            return As, Bs, scale  # the usual case (or a count mismatch load reports): unchanged
-        for s, (a, b) in enumerate(zip(As, Bs)):
-            if (a is None) != (b is None):
-                raise LoRAInputError(f"AdapterSlots.load: slice {s}: give lora_A and lora_B, or None for both (a slice "
-                                     "the adapter leaves out)")
-        present = [s for s in range(S) if As[s] is not None]
-        if not present:
-            raise LoRAInputError("AdapterSlots.load: every slice is None (evict() empties a slot)")
-        if any(not isinstance(As[s], torch.Tensor) or As[s].dim() != 2 or not isinstance(Bs[s], torch.Tensor)
-               or Bs[s].dim() != 2 for s in present):
-            return As, Bs, scale
-        scales = list(scale) if per_slice else [scale] * S
-        if len(scales) != S:
-            raise LoRAInputError(f"AdapterSlots.load: scale must be one number or one per slice ({S}), got {len(scales)}")
-        for s in present:
-            try:
-                v = float(scales[s])
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not math.isfinite(v):
-                raise LoRAInputError(f"AdapterSlots.load: scale[{s}] must be a finite number, got {scales[s]!r}")
-            scales[s] = v
-        for s in present:
-            if Bs[s].shape[1] != As[s].shape[0]:
-                raise LoRAInputError(f"AdapterSlots.load: slice {s}: lora_A has r={As[s].shape[0]} rows but lora_B has "
-                                     f"{Bs[s].shape[1]} columns")
-        r = max(As[s].shape[0] for s in present)
-        s_ref = next((scales[s] for s in present if scales[s] != 0.0), 0.0)
-        ref = As[present[0]]
-        outA, outB = [], []
-        for s in range(S):
-            if s not in present:
-                outA.append(torch.zeros(r, self.in_features, dtype=ref.dtype, device=ref.device))
-                outB.append(torch.zeros(self.out_features[s], r, dtype=ref.dtype, device=ref.device))
-                continue
-            a, b = As[s], Bs[s]
-            if s_ref != 0.0 and scales[s] != s_ref:
-                b = b.detach().to(torch.float64) * (scales[s] / s_ref)
-            if a.shape[0] < r:
-                a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], 0)
-                b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], 1)
-            outA.append(a)
-            outB.append(b)
-        return outA, outB, s_ref
+        """See :func:`fill_slices` (slices left out, per-slice ranks and scales)."""
+        return fill_slices("AdapterSlots.load", self.in_features, self.out_features, As, Bs, scale)
 
     def load(
         self,

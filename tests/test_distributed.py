@@ -784,6 +784,10 @@ def serving_sharded_slots(rank, world):
         for slot, r in enumerate((8, 4, 6)):
             adapters.append(([torch.randn(r, K, dtype=dt) for _ in widths], [torch.randn(w, r, dtype=dt) for w in widths],
                              0.5 + slot))
+        if style == "colwise":  # slot 3: k left out, q and v of ranks 3 and 5 with their own scales (fill_slices)
+            adapters.append(([torch.randn(3, K, dtype=dt), None, torch.randn(5, K, dtype=dt)],
+                             [torch.randn(widths[0], 3, dtype=dt), None, torch.randn(widths[2], 5, dtype=dt)],
+                             [1.5, None, 0.25]))
         full = AdapterSlots(L, r_max, K, widths, dtype=dt, device="cpu")
         for slot, (As, Bs, s) in enumerate(adapters):
             full.load(slot, As, Bs, s, name=f"a{slot}")

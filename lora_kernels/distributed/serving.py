@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .._checks import LoRAInputError
 from ..functional import add_lora, lora_expand_, lora_shrink
+from ..serving import fill_slices
 from ._comm import all_gather_cols, all_reduce
 
 __all__ = ["ShardedAdapterSlots"]
@@ -148,12 +149,14 @@ class ShardedAdapterSlots:
                 off += w
         return out
 
-    def load(self, slot: int, lora_A, lora_B, scale: float, *, name: Optional[str] = None) -> int:
+    def load(self, slot: int, lora_A, lora_B, scale, *, name: Optional[str] = None) -> int:
         """Load the **full** adapter (PEFT layout: lora_A [r, K], lora_B [N_s, r] per slice; every rank passes the same
         tensors) into ``slot``; each rank keeps its shard. All inputs are validated before anything is written."""
         slot = self._check_slot(slot)
         As = [lora_A] if isinstance(lora_A, torch.Tensor) else list(lora_A)
         Bs = [lora_B] if isinstance(lora_B, torch.Tensor) else list(lora_B)
+        # slices left out (None), per-slice ranks and scales, as AdapterSlots (lora_kernels.serving.fill_slices)
+        As, Bs, scale = fill_slices("ShardedAdapterSlots.load", self.in_features, self.out_features, As, Bs, scale)
         S = len(self.out_features)
         if len(As) != S or len(Bs) != S:
             raise LoRAInputError(f"ShardedAdapterSlots.load: expected {S} lora_A and {S} lora_B (one per slice), got "
