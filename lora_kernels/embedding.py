@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import LoRAInputError
+from ._merge_state import MergeRecordState
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_embedding, unmerge_
 from .reference import lora_scale
@@ -34,7 +35,7 @@ def tied_merge_guard(cls_name: str, tied_to: Tuple[str, ...], allow_tied: bool) 
     warnings.warn(f"{cls_name}.merge(allow_tied=True): {msg}", UserWarning, stacklevel=3)
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(MergeRecordState, nn.Module):  # record under deepcopy / in state dicts
     """A frozen ``nn.Embedding`` plus a trainable low-rank update: ``y = W[ids] + s·A[:, ids]ᵀ·Bᵀ``.
 
     Wraps ``base`` without copying: ``self.weight`` is base's own Parameter (frozen), and the adapter is

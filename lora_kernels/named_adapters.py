@@ -31,9 +31,7 @@ Merging merges the active adapters (``merge_exact_`` with one (A, B, s) per adap
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -41,6 +39,7 @@ import torch
 from torch import nn
 
 from ._checks import LoRAInputError
+from ._merge_state import MergeRecordState
 from .functional import lora_linear
 from .reference import lora_scale
 
@@ -97,7 +96,7 @@ def _check_settings(where: str, r, alpha, dropout) -> None:
         raise LoRAInputError(f"{where}: alpha must be finite, got {alpha}")
 
 
-class NamedAdaptersMixin:
+class NamedAdaptersMixin(MergeRecordState):
     """Named-adapter methods of :class:`~lora_kernels.LoRALinear` (see the module docstring).
 
     Class-level defaults describe a single-adapter layer, so ``LoRALinear.__init__`` needs nothing extra."""
@@ -303,73 +302,6 @@ class NamedAdaptersMixin:
         names = self.active_adapters
         pairs = [self.adapter_weights(n) for n in names]
         return [a for a, _ in pairs], [b for _, b in pairs], [self.adapter_config(n).scale for n in names]
-
-    # -- the merge record under copy.deepcopy --------------------------------------------------------------------
-    def __deepcopy__(self, memo):
-        """A deep copy as ``nn.Module``'s default (every attribute deep-copied through ``memo``), then the copy's exact
-        merge record is re-bound to the copy's weight (``exact_merge.rebind_record_``), so ``unmerge()`` on a copy
-        of a merged layer restores the copy's base weight bit-for-bit, and the original keeps its own record."""
-        cls = type(self)
-        new = object.__new__(cls)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__dict__, memo))
-        rec = new.__dict__.get("_merge_record")
-        if rec is not None and self.merged:
-            from .exact_merge import rebind_record_
-
-            old_w = self.weight_nk if hasattr(self, "weight_nk") else self.weight
-            new_w = new.weight_nk if hasattr(new, "weight_nk") else new.weight
-            rebind_record_(rec, old_w, new_w)
-        return new
-
-    # -- the merge record in a state dict -------------------------------------------------------------------------
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """A merged layer's state dict also holds its exact-merge record, serialised as one uint8 tensor
-        ``lora_merge_record`` (``exact_merge.record_to_tensor``), so that loading it (next to the merged ``weight``)
-        gives a merged layer that unmerges bit for bit. An unmerged layer's keys are unchanged."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not self.merged:
-            return
-        from .exact_merge import _check_record, record_to_tensor
-
-        rec = self.__dict__.get("_merge_record")
-        try:
-            _check_record("state_dict", self.weight_nk if hasattr(self, "weight_nk") else self.weight, rec, None)
-            destination[prefix + "lora_merge_record"] = record_to_tensor(rec)
-        except LoRAInputError as e:
-            warnings.warn(
-                f"LoRALinear.state_dict(): the layer is merged ('weight' holds W0 + ΔW) but its merge record cannot be "
-                f"saved ({e}). Loading this state dict into an unmerged LoRALinear applies the adapter twice; export "
-                "with lora_kernels.merge_and_unload(model), or unmerge() before saving to keep W0.", UserWarning,
-                stacklevel=3)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """Loading a ``weight`` sets the layer merged (with the saved record, re-bound to this weight) when the state
-        dict came from a merged layer, and unmerged otherwise (the loaded weight is then W0)."""
-        rec_t = state_dict.pop(prefix + "lora_merge_record", None)
-        has_w = (prefix + "weight") in state_dict
-        n_err = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if not has_w or len(error_msgs) > n_err:
-            return
-        if rec_t is None:
-            if self.merged:  # the weight just loaded is an unmerged one
-                self.__dict__["_merge_record"] = None
-                self.merged = False
-                self.merged_adapters = ()
-            return
-        from .exact_merge import record_from_tensor
-
-        try:
-            rec = record_from_tensor(rec_t, self.weight_nk if hasattr(self, "weight_nk") else self.weight)
-        except LoRAInputError as e:
-            error_msgs.append(f"{prefix}lora_merge_record: {e}")
-            return
-        self.__dict__["_merge_record"] = rec
-        self.merged = True
-        self.merged_adapters = self.active_adapters
 
     # -- weighted combination -----------------------------------------------------------------------------------
     @torch.no_grad()

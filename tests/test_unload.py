@@ -324,3 +324,36 @@ def test_dora_layers_merge_with_their_own_merge():
     lk.merge_and_unload(net)
     assert type(net[0]) is nn.Linear and type(net[2]) is nn.Linear
     assert_close_rel(net(x), want, TOL[torch.float32], "DoRA merged and unloaded")
+
+
+def test_embedding_merge_record_follows_deepcopy_and_state_dict():
+    import copy
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Embedding(50, 24), nn.Linear(24, 8)).to(torch.bfloat16)
+        return lk.inject_lora(m, ["0", "1"], 4, 8, backend="torch")
+
+    net = build()
+    with torch.no_grad():
+        for m in net:
+            m.lora_A.normal_(0, 0.5)
+            m.lora_B.normal_(0, 0.5)
+    w0 = [_bits(m.weight) for m in net]
+    for m in net:
+        m.merge()
+    assert net[0]._merge_record.n_repairs > 0
+    ids = torch.randint(0, 50, (3, 7))
+    want = net(ids)
+    twin = copy.deepcopy(net)
+    sd = net.state_dict()
+    assert "0.lora_merge_record" in sd and "1.lora_merge_record" in sd
+    fresh = build()
+    fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(fresh(ids), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for model in (twin, fresh, net):
+            for m, w in zip(model, w0):
+                m.unmerge()
+                assert torch.equal(_bits(m.weight), w)
