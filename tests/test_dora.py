@@ -153,6 +153,17 @@ def test_reference_backward_is_autograd_of_the_forward(p):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_only_the_magnitude_trains(backend):
+    """x, A, B frozen: only dm (on Triton the standalone dm kernel; with any other grad the dy kernel forms it)."""
+    x, w, a, b, m, bias, dy = _make(19, 12, 9, 3, torch.float32)
+    ml = m.clone().requires_grad_(True)
+    lora_kernels.lora_linear(x, w, a, b, SCALE, bias, magnitude=ml, backend=backend).backward(dy)
+    m64 = m.double().requires_grad_(True)
+    ref.dora_linear_ref(x.double(), w.double(), a.double(), b.double(), SCALE, m64, bias.double()).backward(dy.double())
+    assert_close_rel(ml.grad, m64.grad, TOL[torch.float32], "dm")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_frozen_weight_grad_when_asked(backend):
     """dW0 flows when the base weight requires grad (the norm stays a constant, as in PEFT)."""
     x, w, a, b, m, bias, dy = _make(10, 12, 9, 3, torch.float32)
@@ -518,8 +529,8 @@ def test_dora_quiet_on_the_happy_path():
 
 def test_triton_traffic_vs_plain_lora():
     """fp16, M=256, K=N=512, r=16, the first GPU config of every kernel. Forward: plain LoRA's bytes + the ypre store
-    + g, each once (x and W0 still read once). Backward: dy is read three times (dm kernel, dy kernel, dx GEMM; plain
-    LoRA's fused backward reads it once), ypre once; everything else as plain LoRA's unfused path."""
+    + g, each once (x and W0 still read once). Backward: dy is read twice (the dy kernel, which also forms dm from
+    ypre, and the dx GEMM; plain LoRA's fused backward reads it once), ypre once."""
     import contextlib
 
     import traffic as T
@@ -552,6 +563,6 @@ def test_triton_traffic_vs_plain_lora():
     for name in ("x", "weight"):
         assert fwd.stats[name].uniq == fwd.stats[name].nbytes, fwd.table()
     dy_bytes = c["dy"].numel() * c["dy"].element_size()
-    assert bwd.stats["dy"].uniq == 3 * dy_bytes, bwd.table()
+    assert bwd.stats["dy"].uniq == 2 * dy_bytes, bwd.table()
     assert bwd.stats["ypre"].uniq == ypre_bytes and bwd.stats["weight"].uniq == bwd.stats["weight"].nbytes, bwd.table()
-    assert bwd.ratios()[1] <= 1.45, bwd.table()  # measured 1.44 (plain LoRA's fused backward: 1.12)
+    assert bwd.ratios()[1] <= 1.29, bwd.table()  # measured 1.28 (plain LoRA's fused backward: 1.12)

@@ -152,9 +152,10 @@ def _lora_linear_jobs(ll, dtype, variant, shape):
                  BLOCK_R=block_r, INPUT_PRECISION=prec, COL_SCALE=False, SAVE_PRE=False, AOP_SCALE=dora)))
     elif kind == "dy":
         jobs.append(("_lora_dy_kernel", (
-            _t(dtype), _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), M, N, R, *dyn, R, 1, R, 1, 2.0, mb, _t("fp32")),
+            _t(dtype), _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), M, N, R, *dyn, R, 1, R, 1, 2.0, mb, _t("fp32"),
+            _t(dtype), _t("fp32"), N, 1),
             dict(COMPUTE_DXA=variant["dxa"], COMPUTE_DB=variant["db"], EPI_LOW=epi_low, BLOCK_R=block_r,
-                 INPUT_PRECISION=prec, DY_SCALE=dora)))
+                 INPUT_PRECISION=prec, DY_SCALE=dora, COMPUTE_DM=dora)))
     elif kind == "da":
         jobs.append(("_lora_da_kernel", (
             _t("fp32"), _t(dtype), _t("fp32"), M, K, R, *xs, *seed, mb),

@@ -11,7 +11,9 @@ with dropout_p = 0 (x [M, K], W0 [N, K], A [r, K], B [N, r], g fp32 [N])::
     backward  dx, dA, dB = lora_linear's backward with dy' = dy⊙g       every kernel scales the dy tiles it loads
                                                                       (AOP_SCALE in the dx GEMM, DY_SCALE in the dy
                                                                       kernel): dy' is never stored
-              dm = Σ_t dy⊙ypre / norm                                ``_dora_dm_kernel`` (reads dy and ypre once)
+              dm = Σ_t dy⊙ypre / norm                                in the same pass of lora_linear's dy kernel over
+                                                                      dy (COMPUTE_DM); ``_dora_dm_kernel`` when that
+                                                                      kernel does not run (A, B and x frozen)
 
 Numerics as lora_linear's Triton kernels (fp32 accumulation; TF32 for fp32 inputs unless
 LORA_KERNELS_FP32_PRECISION=ieee). dy' is formed in fp32 and rounded to dy's dtype for the tensor-core products (a
@@ -112,13 +114,20 @@ def launch_dm(dy: torch.Tensor, ypre: torch.Tensor) -> torch.Tensor:
 def dora_linear_bwd_triton(dy, x, xa, ypre, weight, lora_a, lora_b, scale, g, norm, output_mask):
     """(dx, dA, dB, dm, dW0), None for a gradient not in ``output_mask``; dm fp32 [N]."""
     need_dx, need_da, need_db, need_dm, need_dw = (bool(v) for v in output_mask)
+    M, N = dy.shape
     dm = None
+    if need_dm and (ypre is None or ypre.numel() != dy.numel()):
+        raise ValueError("dora_linear backward: dm was requested but ypre was not saved")
+    # dm rides on lora_linear's dy kernel (one pass over dy for dxa, dB and dm) whenever that kernel runs
+    with_dy_kernel = M > 0 and N > 0 and (need_dx or need_da or need_db)
     if need_dm:
-        if ypre is None or ypre.numel() != dy.numel():
-            raise ValueError("dora_linear backward: dm was requested but ypre was not saved")
-        dm = launch_dm(tll._safe_2d(dy), tll._safe_2d(ypre)).div_(norm.to(torch.float32))
+        dm = torch.zeros(N, dtype=torch.float32, device=dy.device) if with_dy_kernel else \
+            launch_dm(tll._safe_2d(dy), tll._safe_2d(ypre))
     dx = da = db = dw = None
     if need_dx or need_da or need_db or need_dw:
         dx, da, db, dw = tll.lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, 0.0, 0,
-                                                    (need_dx, need_da, need_db, need_dw), g=_g32(g))
+                                                    (need_dx, need_da, need_db, need_dw), g=_g32(g),
+                                                    dm=(tll._safe_2d(ypre), dm) if (need_dm and with_dy_kernel) else None)
+    if dm is not None:
+        dm.div_(norm.to(torch.float32))
     return dx, da, db, dm, dw

@@ -357,8 +357,8 @@ def _lora_gemm_kernel(
 
 @triton.autotune(
     configs=DY_CONFIGS,
-    key=["m_bucket", "N", "R", "BLOCK_R", "COMPUTE_DXA", "COMPUTE_DB", "DY_SCALE"],
-    reset_to_zero=["dxa_ptr", "db_ptr"],
+    key=["m_bucket", "N", "R", "BLOCK_R", "COMPUTE_DXA", "COMPUTE_DB", "DY_SCALE", "COMPUTE_DM"],
+    reset_to_zero=["dxa_ptr", "db_ptr", "dm_ptr"],
     prune_configs_by={"early_config_prune": _prune_by_m},
 )
 @triton.jit
@@ -368,15 +368,17 @@ def _lora_dy_kernel(
     stride_dym, stride_dyn,
     stride_bn, stride_br,
     stride_xam, stride_xar,
-    scale, m_bucket, g_ptr,
+    scale, m_bucket, g_ptr, pre_ptr, dm_ptr, stride_pm, stride_pn,
     COMPUTE_DXA: tl.constexpr, COMPUTE_DB: tl.constexpr, EPI_LOW: tl.constexpr,
-    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, DY_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, DY_SCALE: tl.constexpr, COMPUTE_DM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One pass over dy: dxa[m, j] += s·Σ_n dy[m, n]·B[n, j] and dB[n, j] += s·Σ_m dy[m, n]·xa[m, j].
     # Reads dy [M, N] once, B [N, r], xa [M, r] fp32; accumulates into zeroed fp32 dxa [M, r] and dB [N, r]
     # with atomics. Grid: (row blocks, splits of the column blocks, rank chunks).
-    # DY_SCALE (DoRA): dy is read as dy⊙g, g fp32 [N] (one factor per column).
+    # DY_SCALE (DoRA): dy is read as dy⊙g, g fp32 [N] (one factor per column). COMPUTE_DM (DoRA): the programs of
+    # the first rank chunk also add Σ_m dy[m, n]·ypre[m, n] (the un-scaled dy, ypre [M, N]) into the zeroed fp32
+    # dm [N] with atomics, so no other kernel reads dy for dm.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -402,6 +404,12 @@ def _lora_dy_kernel(
         offs_n = nb * BLOCK_N + offs_n0
         n_ok = offs_n < N
         dyt = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if COMPUTE_DM:
+            if pid_r == 0:
+                pt = tl.load(pre_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                             mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                part_m = tl.sum(dyt.to(tl.float32) * pt.to(tl.float32), axis=0)
+                tl.atomic_add(dm_ptr + offs_n, part_m, mask=n_ok, sem="relaxed")
         if DY_SCALE:
             gn = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
             dyt = (dyt.to(tl.float32) * gn[None, :]).to(dyt.dtype)
@@ -612,10 +620,11 @@ def _launch_gemm(a, b, c, l, rt, bias, *, M, N, K, R, stride_b, stride_rt, l_sca
     )
 
 
-def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision, g=None) -> None:
+def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision, g=None, dm=None) -> None:
     """One pass over dy [M, N]: dxa += s·dy·B into the zeroed fp32 ``dxa`` [M, R] and dB += s·dyᵀ·xa into the zeroed
     fp32 ``db32`` [N, R] (either may be None), split over N so about two programs per SM are in flight. DoRA: with
-    ``g`` (fp32 [N] contiguous) dy is read as dy⊙g."""
+    ``g`` (fp32 [N] contiguous) dy is read as dy⊙g; with ``dm`` = (ypre [M, N], zeroed fp32 dm [N]) the same pass adds
+    Σ_m dy⊙ypre into dm."""
     M, N = dy.shape
     R = b_op.shape[1]
     r_chunks = triton.cdiv(R, block_r)
@@ -633,8 +642,10 @@ def launch_dy(dy, b_op, xa, dxa, db32, scale, *, block_r, m_bucket, precision, g
         b_op.stride(0), b_op.stride(1),
         xa.stride(0), xa.stride(1),
         float(scale), m_bucket, g if g is not None else xa,
+        dm[0] if dm is not None else dy, dm[1] if dm is not None else (dxa if dxa is not None else db32),
+        dm[0].stride(0) if dm is not None else 0, dm[0].stride(1) if dm is not None else 0,
         COMPUTE_DXA=dxa is not None, COMPUTE_DB=db32 is not None, EPI_LOW=dy.dtype == torch.bfloat16,
-        BLOCK_R=block_r, INPUT_PRECISION=precision, DY_SCALE=g is not None,
+        BLOCK_R=block_r, INPUT_PRECISION=precision, DY_SCALE=g is not None, COMPUTE_DM=dm is not None,
     )
 
 
@@ -666,12 +677,14 @@ def launch_da(dxa, x, drop_args, *, block_r, m_bucket, precision) -> torch.Tenso
     return da32
 
 
-def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, g=None):
+def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, g=None, dm=None):
     """Fused backward. dy [M, N] (any strides), x [M, K] or None (LoRA-FA), xa [M, r] fp32 from the forward.
 
     ``output_mask`` selects (dx, dA, dB, dW0); the others come back as None. Gradients are in their
     parameter's dtype (dx in dy.dtype); see the module docstring. DoRA (no dropout): with ``g`` (fp32 [N]
-    contiguous) every kernel reads dy as dy⊙g (the dx GEMM's Aop tiles, the dy kernel's tiles)."""
+    contiguous) every kernel reads dy as dy⊙g (the dx GEMM's Aop tiles, the dy kernel's tiles) and the backward takes
+    the unfused path, whose dy kernel runs whenever M > 0, N > 0 and dx, dA or dB is asked for; ``dm`` = (ypre,
+    zeroed fp32 dm [N]): that dy kernel also accumulates Σ_m dy⊙ypre into dm."""
     need_dx, need_da, need_db, need_dw = (bool(v) for v in output_mask)
     M, N = dy.shape
     R, K = lora_a.shape
@@ -709,7 +722,8 @@ def lora_linear_bwd_triton(dy, x, xa, weight, lora_a, lora_b, scale, dropout_p, 
             dxa = torch.zeros((M, R), dtype=torch.float32, device=dev) if need_dxa else None
         db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if need_db else None
         if (need_dxa or need_db) and N > 0 and not fused:
-            launch_dy(dy, b_op, xa, dxa, db32, scale, block_r=block_r, m_bucket=m_bucket, precision=precision, g=g)
+            launch_dy(dy, b_op, xa, dxa, db32, scale, block_r=block_r, m_bucket=m_bucket, precision=precision, g=g,
+                      dm=dm)
         if need_dx:
             dx = _alloc((M, K), dy.dtype, dev)
             if K > 0:
