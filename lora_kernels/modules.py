@@ -127,6 +127,9 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         identity, version counter, storage, dtype and device are the key, so a merge or a load recomputes it)."""
         from .dora import weight_row_sq_norm
 
+        if torch.compiler.is_compiling():  # traced: the cached value as it is (a storage address cannot be traced)
+            sq = self._dora_weight_sq
+            return sq if sq is not None else weight_row_sq_norm(self.weight_nk.detach())
         w = self.weight
         key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
         sq = self._dora_weight_sq

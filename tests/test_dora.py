@@ -351,6 +351,31 @@ def test_lora_linear_module_dora():
     assert layer.lora_magnitude.grad is not None and layer.lora_A.grad is not None and base.weight.grad is None
 
 
+def test_torch_compile_equals_eager():
+    """A DoRA layer's training step under torch.compile (aot_eager: the ops' fakes and the autograd function traced)
+    gives eager's output and gradients bit for bit. Not fullgraph: the row norm's cancellation guard
+    (``lora_kernels.dora``: ``if bad.numel():``) is a data-dependent branch, i.e. a graph break."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(24, 17), 4, 8, use_dora=True, backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(torch.rand(17) + 0.5)
+    x = torch.randn(5, 24, requires_grad=True)
+
+    def step(f):
+        for p in [x, *layer.parameters()]:
+            p.grad = None
+        y = f(x)
+        y.sum().backward()
+        return [y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude.grad]
+
+    eager = step(layer)
+    torch._dynamo.reset()
+    compiled = step(torch.compile(layer, backend="aot_eager"))
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), eager, compiled):
+        assert torch.equal(a, b), name
+
+
 def test_inject_lora_use_dora_and_trainable():
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 5))
     inject_lora(model, ["0", "2"], r=2, alpha=4, use_dora=True, backend="torch")
