@@ -379,7 +379,8 @@ def _moe_lora_jobs(mm, dtype, variant, shape):
     """The MoE LoRA kernels of triton/moe_lora.py, as their launchers call them: E = 8 experts, top-2, the grouped
     GEMM forward and backward over a routing's tiles (x token rows or pair rows; W [E, N, K] or stored transposed
     [E, K, N] as GPT-OSS does, B as a [E, N, r] tensor or PEFT's strided [N, r·E] view, A per expert or shared), the
-    combine and the serving update over [L, E, r, K] slots."""
+    combine (and the cast of an fp32 atomic routing sum), the serving update over [L, E, r, K] slots. ``atomic``:
+    the routing sum by fp32 atomics (forward: into the [M, N] sum; backward: dx of token-row x into [M, K])."""
     M, N, K = shape["M"], shape["N"], shape["K"]
     ragged = shape is _SHAPES["ragged"]
     E, k, L = 8, 2, 4
@@ -396,26 +397,30 @@ def _moe_lora_jobs(mm, dtype, variant, shape):
     a_s = (0 if variant.get("shared_a") else R * K, K, 1)
     b_s = (1, R * E, E) if peft else (N * R, R, 1)
     kind = variant["kind"]
+    atomic = variant.get("atomic", False)
     if kind == "fwd":
         lora = variant.get("lora", True)
         return [("_moe_fwd_kernel", (
-            _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
+            _t("fp32" if atomic else dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"),
+            _t("i32"), _t("i32"),
             N, K, R if lora else 0, k, T, E,
             N, 1, R, 1, *xs, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
             dict(X_PAIR=xp, HAS_LORA=lora, HAS_BIAS=variant.get("bias", False), HAS_WEIGHTS=variant.get("weights", False),
-                 EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
+                 ATOMIC_OUT=atomic, EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
     if kind == "bwd":
         dyn = (1, M + 5) if ragged else (N, 1)
         flags = {f: variant.get(f.lower(), True) for f in ("COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DW")}
         return [("_moe_bwd_kernel", (
-            _t(dtype), _t("fp32"), _t("fp32"), _t("fp32"), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype),
-            _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
+            _t("fp32" if atomic else dtype), _t("fp32"), _t("fp32"), _t("fp32"), _t(dtype), _t(dtype), _t("fp32"),
+            _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
             N, K, R, k, T, E,
             K, 1, *dyn, *xs, R, 1, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
             dict(X_PAIR=xp, DY_PAIR=variant.get("dy_pair", False), HAS_LORA=True, HAS_BIAS=variant.get("bias", False),
-                 HAS_WEIGHTS=variant.get("weights", True), EPI_LOW=dtype == "bf16", BLOCK_R=block_r,
+                 HAS_WEIGHTS=variant.get("weights", True), ATOMIC_DX=atomic, EPI_LOW=dtype == "bf16", BLOCK_R=block_r,
                  INPUT_PRECISION=prec, BLOCK_M=bm, **flags))]
     if kind == "combine":
+        if variant.get("cast"):  # the fp32 atomic sum [M, N] cast to the output dtype (k = 1)
+            return [("_moe_combine_kernel", (_t(dtype), _t("fp32"), M, N, 1, N, 1, N, 1), {})]
         return [("_moe_combine_kernel", (_t(dtype), _t(dtype), M, N, k, N, 1, N, 1), {})]
     # serving update: one slice of [L, E, r_max, K] / [L, E, N, r_max] slots, ranks read in-kernel
     adt = variant.get("adt", dtype)
@@ -441,10 +446,13 @@ def _moe_lora_variants(dtype):
         dict(kind="fwd", x_pair=True, weights=True, bias=True, block_m=16),  # down projection, decode-sized tiles
         dict(kind="fwd", peft_layout=True, shared_a=True),  # transposed storage, PEFT's strided B, shared A
         dict(kind="fwd", lora=False),  # the plain grouped GEMM
+        dict(kind="fwd", x_pair=True, weights=True, bias=True, atomic=True),  # down projection, atomic routing sum
         dict(kind="bwd", x_pair=True, dy_pair=False, bias=True, block_m=16),
         dict(kind="bwd", peft_layout=True, shared_a=True, weights=False, compute_dw=False),
         dict(kind="bwd", compute_dx=False, compute_da=False, compute_dw=False),  # dB only (frozen A, no router grad)
+        dict(kind="bwd", dy_pair=True, weights=False, compute_dw=False, atomic=True),  # gate/up: dx summed by atomics
         dict(kind="combine"),
+        dict(kind="combine", cast=True),
         dict(kind="delta", x_pair=True, weights=True, has_ranks=False, block_m=16, ranks_dtype="fp32"),
         dict(kind="delta", adt="fp32" if dtype != "fp32" else "bf16", ranks_dtype="i64"),  # adapters in another dtype
     ]

@@ -14,9 +14,13 @@ Semantics: :func:`lora_kernels.reference.moe_lora_linear_ref` / :func:`lora_kern
 with x_p = x[t] (token rows) or x[p] (pair rows) and dy_p = dy[t] (combine) or dy[p].
 
 Kernels (launch order):
-  forward  ``_moe_fwd_kernel`` (+ ``_moe_combine_kernel`` when combine and k > 1)
-  backward ``_moe_bwd_kernel`` (+ ``_moe_combine_kernel`` for dx of token-row x when k > 1)
+  forward  ``_moe_fwd_kernel`` (+ ``_moe_combine_kernel`` when combine and k > 1, except an fp32 atomic sum)
+  backward ``_moe_bwd_kernel`` (+ ``_moe_combine_kernel`` for dx of token-row x when k > 1, likewise)
   serving  ``_moe_delta_kernel``, one launch per packed slice
+The routing sum (a token's k pair rows summed into its row: y with combine, dx of token-row x) is formed one of two
+ways, chosen by :func:`routing_sum` alone: a per-pair buffer in the output dtype that ``_moe_combine_kernel`` sums in
+a fixed order (deterministic), or fp32 atomic adds from the GEMM's epilogue into a zeroed [M, ·] accumulator that
+``_moe_combine_kernel`` (k = 1) casts once (none for fp32, where the result itself is the accumulator).
 Every kernel works on the tiles of a :class:`lora_kernels.ops.moe_lora.MoERouting`: pairs sorted by expert
 (serving: by (adapter, expert)), cut into tiles of at most BLOCK_M pairs of one group; one program per (tile slot,
 column block), so experts without tokens cost nothing and unused tile slots exit at once. Rows are gathered
@@ -31,9 +35,11 @@ output block), dB (the column-0 programs) and the routing-weight gradient (epilo
 
 Numerics: every product accumulates in fp32; fp32 inputs use TF32 unless ``LORA_KERNELS_FP32_PRECISION=ieee``
 (as in ``triton/lora_linear.py``); bf16 meets the r-wide fp32 intermediates in bf16 (no fp32 x bf16 MMA), fp16
-and fp32 keep them fp32. With combine, each pair's weighted output is rounded to y's dtype and the k rows of a
-token are summed in fp32 and rounded again. dA, dB and the routing-weight gradient are fp32 atomic sums over
-tiles (their last bits can depend on the order of those additions).
+and fp32 keep them fp32. Routing sum through the buffer: each pair's weighted output is rounded to y's dtype and
+the k rows of a token are summed in fp32 and rounded again; through atomics: the k fp32 rows are summed in fp32
+and rounded once, in the order the programs run (the last bits can differ between runs). dA, dB and the
+routing-weight gradient are fp32 atomic sums over tiles (their last bits can depend on the order of those
+additions, whatever the routing sum).
 
 The LoRA rank is held in one tile (BLOCK_R = the next power of two >= 16): ranks up to ``MAX_RANK`` = 128.
 Launchers never read device data on the host and have no data-dependent grid (the grid is the routing's tile
@@ -132,7 +138,8 @@ def _tile_rows(sorted_ptr, tiles_ptr, stride_tiles, tile, BLOCK_M: tl.constexpr)
     return g, pair, m_ok
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["N", "K", "BLOCK_R", "BLOCK_M", "X_PAIR", "HAS_LORA", "HAS_BIAS", "HAS_WEIGHTS"])
+@triton.autotune(configs=FWD_CONFIGS, key=["N", "K", "BLOCK_R", "BLOCK_M", "X_PAIR", "HAS_LORA", "HAS_BIAS",
+                                           "HAS_WEIGHTS", "ATOMIC_OUT"], reset_to_zero=["out_ptr"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["NUM_TILES"])
 def _moe_fwd_kernel(
@@ -144,14 +151,16 @@ def _moe_fwd_kernel(
     stride_twt, stride_twj, stride_tiles,
     scale,
     X_PAIR: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr, EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Program (tile of expert e, column block): out[p, n-block] = c_p·(x_p·W[e]ᵀ + bias[e] + s·xa_p·B[e]ᵀ) for the
     # tile's pairs p, with xa_p = x_p·A[e]ᵀ accumulated in the same K loop from the x tiles (fp32; stored to xa by the
     # column-0 program). Reads the tile's pair indices, x rows (gathered), W[e] (read as W[e]ᵀ through its strides),
     # A[e], B[e], bias[e], the pairs' routing weights; writes out rows and xa rows (scattered to pair order). A tile
-    # of pairs without an expert (e == E) writes zero rows.
+    # of pairs without an expert (e == E) writes zero rows. ATOMIC_OUT (the routing sum by atomics): out is the
+    # zeroed fp32 [M, N] sum and each pair's row is atomically added to its token's row t = p // k instead (a tile
+    # of pairs without an expert adds nothing).
     pid = tl.program_id(0)
     num_cols = tl.cdiv(N, BLOCK_N)
     tile, pid_n = _grouped_pid(pid, NUM_TILES, num_cols, GROUP_M)
@@ -162,9 +171,15 @@ def _moe_fwd_kernel(
     n_ok = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
+    if ATOMIC_OUT:
+        out_row = pair // TOP_K
+    else:
+        out_row = pair
+    out_ptrs = out_ptr + out_row[:, None] * stride_om + offs_n[None, :].to(tl.int64) * stride_on
     if e == E:
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if not ATOMIC_OUT:
+            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
         if HAS_LORA:
             if pid_n == 0:
                 tl.store(xa_ptr + pair[:, None] * stride_xam + offs_r[None, :] * stride_xar,
@@ -218,7 +233,10 @@ def _moe_fwd_kernel(
     if HAS_WEIGHTS:
         c = tl.load(tw_ptr + (pair // TOP_K) * stride_twt + (pair % TOP_K) * stride_twj, mask=m_ok, other=0.0)
         acc = acc * c.to(tl.float32)[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if ATOMIC_OUT:
+        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.autotune(configs=COMBINE_CONFIGS, key=["N", "TOP_K"])
@@ -243,8 +261,8 @@ def _moe_combine_kernel(
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=["N", "K", "BLOCK_R", "BLOCK_M", "X_PAIR", "DY_PAIR", "HAS_LORA",
-                                           "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DW"],
-                 reset_to_zero=["da_ptr", "db_ptr", "dw_ptr"])
+                                           "COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DW", "ATOMIC_DX"],
+                 reset_to_zero=["dxp_ptr", "da_ptr", "db_ptr", "dw_ptr"])
 @triton.jit(do_not_specialize=["NUM_TILES"])
 def _moe_bwd_kernel(
     dxp_ptr, da_ptr, db_ptr, dw_ptr, dy_ptr, x_ptr, xa_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, tw_ptr, sorted_ptr, tiles_ptr,
@@ -256,8 +274,9 @@ def _moe_bwd_kernel(
     scale,
     X_PAIR: tl.constexpr, DY_PAIR: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, ATOMIC_DX: tl.constexpr, EPI_LOW: tl.constexpr, BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Program (tile of expert e, column block of the input features K). Loop over the output features N, one read of
     # the tile's dy rows (gathered): acc = dy·W[e] (the base part of g), l_acc = dy·B[e] (dxa = s·l_acc), and, in the
@@ -265,6 +284,8 @@ def _moe_bwd_kernel(
     # g = acc + dxa·A[e]; dxp[p] = c_p·g_p (scattered to pair order); with the x tile of this block (gathered)
     # dA[e] += (c·dxa)ᵀ·x (atomics into the zeroed [E, R, K] buffer) and dc[p] += g_p·x_p (+ dy_p·bias[e] in the
     # column-0 programs; atomics into the zeroed [M·k] buffer). Tiles of pairs without an expert write zero dxp rows.
+    # ATOMIC_DX (token-row x, the routing sum by atomics): dxp is the zeroed fp32 [M, K] dx and c_p·g_p is atomically
+    # added to token row p // k instead (tiles of pairs without an expert add nothing).
     pid = tl.program_id(0)
     if COMPUTE_DX or COMPUTE_DA or COMPUTE_DW:
         num_kb = tl.cdiv(K, BLOCK_K)
@@ -278,9 +299,13 @@ def _moe_bwd_kernel(
     k_ok = offs_k < K
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    dx_ptrs = dxp_ptr + pair[:, None] * stride_dxm + offs_k[None, :].to(tl.int64) * stride_dxk
+    if ATOMIC_DX:
+        dx_row = pair // TOP_K
+    else:
+        dx_row = pair
+    dx_ptrs = dxp_ptr + dx_row[:, None] * stride_dxm + offs_k[None, :].to(tl.int64) * stride_dxk
     if e == E:
-        if COMPUTE_DX:
+        if COMPUTE_DX and not ATOMIC_DX:
             tl.store(dx_ptrs, tl.zeros((BLOCK_M, BLOCK_K), dtype=dxp_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
         return
     e64 = e.to(tl.int64)
@@ -344,7 +369,10 @@ def _moe_bwd_kernel(
             else:
                 acc = tl.dot(dxa, at.to(tl.float32), acc, input_precision=INPUT_PRECISION)
     if COMPUTE_DX:
-        tl.store(dx_ptrs, (acc * c[:, None]).to(dxp_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+        if ATOMIC_DX:
+            tl.atomic_add(dx_ptrs, acc * c[:, None], mask=m_ok[:, None] & k_ok[None, :], sem="relaxed")
+        else:
+            tl.store(dx_ptrs, (acc * c[:, None]).to(dxp_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
     DO_DA: tl.constexpr = HAS_LORA and COMPUTE_DA
     if DO_DA or COMPUTE_DW:
         xt = tl.load(x_ptr + xrow[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
@@ -481,8 +509,36 @@ def _tw_strides(tw):
 
 
 def _combine(y, buf, M, k):
+    """y = Σ_j buf[t·k + j] in fp32, rounded once (k = 1: the cast of an fp32 sum to y's dtype)."""
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_T"]), triton.cdiv(y.shape[1], meta["BLOCK_N"]))  # noqa: E731
     _moe_combine_kernel[grid](y, buf, M, y.shape[1], k, y.stride(0), y.stride(1), buf.stride(0), buf.stride(1))
+
+
+def routing_sum(M: int, k: int, N: int, dtype: torch.dtype) -> str:
+    """How a token's k pair rows [M·k, N] are summed into its row of the [M, N] result (y of the forward with
+    combine; dx of token-row x in the backward, N = K there); the one place this is chosen:
+
+    * ``"direct"``: k == 1, the kernel writes the result itself;
+    * ``"buffer"``: each pair's row is written in ``dtype`` to a [M·k, N] buffer that ``_moe_combine_kernel`` sums
+      per token in fp32 in a fixed order (bitwise reproducible);
+    * ``"atomic"``: each pair's row is added by fp32 atomics into a zeroed [M, N] accumulator (the result itself
+      when ``dtype`` is fp32), then cast once by ``_moe_combine_kernel`` (k = 1); the fp32 order of the k additions
+      is the order the programs run in, so the last bits can differ between runs.
+
+    ``torch.use_deterministic_algorithms(True)`` (torch's switch, warn_only included) always gives "buffer".
+    Otherwise the one moving fewer bytes beyond the result's own write, with b = ``dtype``'s element size:
+    buffer 2·b·M·k·N (the buffer written once and read back once); atomic 8·M·N for b = 4 (the zeroing, the
+    atomics' read of each element) and 16·M·N otherwise (the accumulator's zeroing 4·M·N, the atomics' read and
+    write 8·M·N, the cast's read 4·M·N). So "atomic" from k = 2 on for fp32 and from k = 5 on for 16-bit (a tie
+    keeps the deterministic buffer)."""
+    if k == 1:
+        return "direct"
+    if torch.are_deterministic_algorithms_enabled():
+        return "buffer"
+    b = dtype.itemsize
+    buffer_bytes = 2 * b * M * k * N
+    atomic_bytes = (8 if b == 4 else 16) * M * N
+    return "atomic" if atomic_bytes < buffer_bytes else "buffer"
 
 
 def moe_lora_fwd_triton(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_weights, combine, groups=None):
@@ -495,13 +551,21 @@ def moe_lora_fwd_triton(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_w
     _check_rank(R)
     if lora and lora_a.dtype != x.dtype:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    y = _alloc((M if combine else P, N), x.dtype, x.device)
     xa = _alloc((P, R), torch.float32, x.device)
     if N == 0:
-        return y, xa.zero_()
+        return _alloc((M if combine else P, 0), x.dtype, x.device), xa.zero_()
+    how = routing_sum(M, k, N, x.dtype) if combine else "direct"
+    if how == "atomic" and x.dtype == torch.float32:
+        y = out = _zeros((M, N), x.device)  # the atomics add into the result itself
+    else:
+        y = _alloc((M if combine else P, N), x.dtype, x.device)
+        if how == "direct":
+            out = y
+        elif how == "buffer":
+            out = _alloc((P, N), x.dtype, x.device)  # each pair's row, summed per token by _moe_combine_kernel
+        else:
+            out = _zeros((M, N), x.device)  # the fp32 sum the atomics add into, cast to y afterwards
     sorted_pairs, tiles, bm = _expert_groups(topk_ids, E, groups)
-    direct = not combine or k == 1
-    out = y if direct else _alloc((P, N), x.dtype, x.device)
     T = tiles.shape[1]
     a_ = lora_a if lora else weight
     b_ = lora_b if lora else weight
@@ -518,10 +582,13 @@ def moe_lora_fwd_triton(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_w
         *_tw_strides(tw), tiles.stride(0),
         float(scale),
         X_PAIR=x.shape[0] == P, HAS_LORA=lora, HAS_BIAS=bias is not None, HAS_WEIGHTS=tw is not None,
-        EPI_LOW=x.dtype == torch.bfloat16, BLOCK_R=_block_r(R), INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=bm,
+        ATOMIC_OUT=how == "atomic", EPI_LOW=x.dtype == torch.bfloat16, BLOCK_R=_block_r(R),
+        INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=bm,
     )
-    if not direct:
+    if how == "buffer":
         _combine(y, out, M, k)
+    elif out is not y:  # atomic into the fp32 accumulator: one cast to y's dtype
+        _combine(y, out, M, 1)
     return y, xa
 
 
@@ -541,16 +608,26 @@ def moe_lora_bwd_triton(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids
     a_op = lora_a if (not lora or lora_a.dtype == dy.dtype) else lora_a.to(dy.dtype)
     b_op = lora_b if (not lora or lora_b.dtype == dy.dtype) else lora_b.to(dy.dtype)
     x_pair = x.shape[0] == P
-    dx = _alloc((x.shape[0], K), dy.dtype, dev) if need_dx else None
-    dxp = (dx if x_pair else _alloc((P, K), dy.dtype, dev)) if need_dx else None
     da32 = _zeros((E, R, K), dev) if need_da else None
     db32 = _zeros((E, N, R), dev) if need_db else None
     dw32 = _zeros((P,), dev) if need_dw else None
     if N == 0 or not (need_dx or need_da or need_db or need_dw):
-        if need_dx:
-            dx.zero_()
-        return (dx, da32.to(lora_a.dtype) if need_da else None, db32.to(lora_b.dtype) if need_db else None,
+        return (torch.zeros((x.shape[0], K), dtype=dy.dtype, device=dev) if need_dx else None,
+                da32.to(lora_a.dtype) if need_da else None, db32.to(lora_b.dtype) if need_db else None,
                 dw32.view(M, k).to(topk_weights.dtype) if need_dw else None)
+    # dx of token-row x sums each token's k pair gradients: the routing sum, chosen as in the forward
+    how = routing_sum(M, k, K, dy.dtype) if (need_dx and not x_pair) else "direct"
+    dx = dxp = None
+    if how == "atomic" and dy.dtype == torch.float32:
+        dx = dxp = _zeros((M, K), dev)  # the atomics add into dx itself
+    elif need_dx:
+        dx = _alloc((x.shape[0], K), dy.dtype, dev)
+        if how == "direct":
+            dxp = dx
+        elif how == "buffer":
+            dxp = _alloc((P, K), dy.dtype, dev)  # c_p·g_p per pair, summed per token by _moe_combine_kernel
+        else:
+            dxp = _zeros((M, K), dev)  # the fp32 sum the atomics add into, cast to dx afterwards
     sorted_pairs, tiles, bm = _expert_groups(topk_ids, E, groups)
     T = tiles.shape[1]
     tw = topk_weights
@@ -559,13 +636,16 @@ def moe_lora_bwd_triton(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids
         xa = xa.float()
     a_, b_ = (a_op, b_op) if lora else (weight, weight)
     xa_ = xa if lora else dy
-    dxp_ = dxp if need_dx else dy
+    # the autotuner zeroes the four output pointers while it times configs: a pointer the kernel does not use gets a
+    # buffer that is zeroed or fully written anyway (never dy or another input)
+    spare = next(t for t in (dxp, da32, db32, dw32) if t is not None)
+    dxp_, da_, db_, dw_ = (t if t is not None else spare for t in (dxp, da32, db32, dw32))
     grid = lambda meta: (T * (triton.cdiv(K, meta["BLOCK_K"]) if per_col else 1),)  # noqa: E731
     _moe_bwd_kernel[grid](
-        dxp_, da32 if need_da else dy, db32 if need_db else dy, dw32 if need_dw else dy, dy, x, xa_, weight,
+        dxp_, da_, db_, dw_, dy, x, xa_, weight,
         bias if bias is not None else weight, a_, b_, tw if tw is not None else weight, sorted_pairs, tiles,
         N, K, R, k, T, E,
-        dxp_.stride(0), dxp_.stride(1), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        *(dxp.stride() if need_dx else (0, 0)), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         xa_.stride(0), xa_.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
@@ -573,11 +653,13 @@ def moe_lora_bwd_triton(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids
         *_tw_strides(tw), tiles.stride(0),
         float(scale),
         X_PAIR=x_pair, DY_PAIR=not combine, HAS_LORA=lora, HAS_BIAS=bias is not None, HAS_WEIGHTS=tw is not None,
-        COMPUTE_DX=need_dx, COMPUTE_DA=need_da, COMPUTE_DB=need_db, COMPUTE_DW=need_dw,
+        COMPUTE_DX=need_dx, COMPUTE_DA=need_da, COMPUTE_DB=need_db, COMPUTE_DW=need_dw, ATOMIC_DX=how == "atomic",
         EPI_LOW=dy.dtype == torch.bfloat16, BLOCK_R=_block_r(R), INPUT_PRECISION=_input_precision(dy.dtype), BLOCK_M=bm,
     )
-    if need_dx and not x_pair:
+    if how == "buffer":
         _combine(dx, dxp, M, k)
+    elif dxp is not dx:  # atomic into the fp32 accumulator: one cast to dx's dtype
+        _combine(dx, dxp, M, 1)
     return (dx, da32.to(lora_a.dtype) if need_da else None, db32.to(lora_b.dtype) if need_db else None,
             dw32.view(M, k).to(topk_weights.dtype) if need_dw else None)
 
