@@ -23,9 +23,16 @@ def _rel(got, ref):
     return ((got.double() - ref).norm() / ref.norm()).item()
 
 
+@pytest.fixture(params=["expanded", "direct"])
+def form(request, monkeypatch):
+    """The expanded form (every size, as on real layers) or the direct one small weights take."""
+    monkeypatch.setattr(dora, "SMALL_DIRECT_ELEMENTS", 0 if request.param == "expanded" else 1 << 30)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("N,K,r,rel", [(257, 384, 16, 0.01), (64, 33, 1, 0.07), (31, 512, 64, 0.002), (1, 7, 3, 1.0)])
-def test_matches_float64(dtype, N, K, r, rel):
+def test_matches_float64(dtype, N, K, r, rel, form):
     W, A, B = _adapter(N, K, r, rel, dtype)
     ref = dora_weight_norm_ref(W, A, B, 2.0)
     got = dora_weight_norm(W, A, B, 2.0)
@@ -40,6 +47,7 @@ def test_row_blocks_bounded(monkeypatch):
     """16-bit weights are upcast a block of rows at a time; the result does not depend on the block size."""
     W, A, B = _adapter(100, 64, 8, 0.05, torch.bfloat16)
     whole = dora_weight_norm(W, A, B, 0.5)
+    monkeypatch.setattr(dora, "SMALL_DIRECT_ELEMENTS", 0)
     monkeypatch.setattr(dora, "ROW_BLOCK_BYTES", 64 * 4 * 7)  # 7 rows per block
     blocks = list(dora._row_blocks(W))
     assert len(blocks) == 15 and max(b[2].shape[0] for b in blocks) == 7
@@ -47,9 +55,13 @@ def test_row_blocks_bounded(monkeypatch):
     assert _rel(whole, dora_weight_norm_ref(W, A, B, 0.5)) <= 2e-6
 
 
-def test_cancellation_rows_recomputed():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_cancellation_rows_recomputed(sync_free, monkeypatch):
     """A row whose update almost cancels W0 (ΔW[n] ≈ −W0[n]): the expanded sum would lose every digit; the
-    guarded function recomputes that row directly."""
+    guarded function recomputes that row directly (found by nonzero on the CPU; on accelerators without a host
+    sync, as the rows of smallest ratio)."""
+    monkeypatch.setattr(dora, "SMALL_DIRECT_ELEMENTS", 0)
+    monkeypatch.setattr(dora, "_SYNC_FREE_ON_CPU", sync_free)
     g = torch.Generator().manual_seed(3)
     K, r = 256, 4
     A = torch.randn(r, K, generator=g)
@@ -66,6 +78,23 @@ def test_cancellation_rows_recomputed():
     quad = ((B @ (A @ A.t())) * B).sum(1)
     naive = (sq + 2 * cross + quad).clamp_min(0).sqrt()
     assert abs(naive[2].double() - ref[2]) / ref[2] > 1e-2
+
+
+def test_sync_free_repair_asserts_when_too_many_rows_cancel(monkeypatch):
+    monkeypatch.setattr(dora, "SMALL_DIRECT_ELEMENTS", 0)
+    monkeypatch.setattr(dora, "_SYNC_FREE_ON_CPU", True)
+    monkeypatch.setattr(dora, "MAX_REPAIR_ROWS", 1)
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(4, 256, generator=g)
+    W = torch.randn(6, 256, generator=g)
+    B = torch.randn(6, 4, generator=g)
+    for n in (1, 4):
+        W[n] = -(B[n] @ A) + 1e-3 * torch.randn(256, generator=g)
+    with pytest.raises(RuntimeError, match="MAX_REPAIR_ROWS"):
+        dora_weight_norm(W, A, B, 1.0)
+    monkeypatch.setattr(dora, "MAX_REPAIR_ROWS", 2)
+    ref = dora_weight_norm_ref(W, A, B, 1.0)
+    assert ((dora_weight_norm(W, A, B, 1.0).double() - ref).abs() / ref).max() <= 1e-3
 
 
 def test_errors():
