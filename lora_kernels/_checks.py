@@ -150,6 +150,17 @@ def check_adapter_shapes(op: str, N: int, K: int, lora_a: torch.Tensor, lora_b: 
     return r
 
 
+def check_lora_settings(where: str, r, alpha, dropout=0.0) -> None:
+    """A layer's LoRA hyper-parameters: rank a positive int, dropout in [0, 1), alpha finite (LoRAInputError, a
+    ValueError, naming ``where``)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LoRAInputError(f"{where}: rank r must be a positive int, got {r!r}")
+    if not isinstance(dropout, (int, float)) or not (0.0 <= float(dropout) < 1.0):
+        raise LoRAInputError(f"{where}: dropout must be in [0, 1), got {dropout}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(float(alpha)):
+        raise LoRAInputError(f"{where}: alpha must be finite, got {alpha}")
+
+
 def check_dropout_p(op: str, dropout_p) -> None:
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
         fail(op, f"dropout_p must be in [0, 1), got {dropout_p}")

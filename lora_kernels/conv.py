@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError
+from ._checks import LoRAInputError, check_lora_settings
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import merge_, unmerge_
 from .reference import lora_scale
@@ -52,12 +52,7 @@ class LoRAConv2d(nn.Module):
         why = self.unsupported(base)
         if why:
             raise ValueError(f"LoRAConv2d: {why}")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"LoRAConv2d: rank r must be a positive int, got {r!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"LoRAConv2d: dropout must be in [0, 1), got {dropout}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"LoRAConv2d: alpha must be finite, got {alpha}")
+        check_lora_settings("LoRAConv2d", r, alpha, dropout)
         self.in_features, self.out_features = base.in_channels, base.out_channels
         self.kernel_size = tuple(base.kernel_size)
         self.stride, self.padding = base.stride, base.padding

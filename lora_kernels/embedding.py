@@ -6,14 +6,13 @@ fused into the shrink lives in ``ops/embedding.py`` and its launchers.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError
+from ._checks import LoRAInputError, check_lora_settings
 from ._merge_state import MergeRecordState
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_embedding, unmerge_
@@ -74,12 +73,7 @@ class LoRAEmbedding(MergeRecordState, nn.Module):  # record under deepcopy / in 
                              "not supported")
         if base.sparse:
             raise ValueError("LoRAEmbedding: nn.Embedding(sparse=True) is not supported (the gradients are dense)")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"LoRAEmbedding: rank r must be a positive int, got {r!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"LoRAEmbedding: dropout must be in [0, 1), got {dropout}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"LoRAEmbedding: alpha must be finite, got {alpha}")
+        check_lora_settings("LoRAEmbedding", r, alpha, dropout)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
         self.scale_grad_by_freq = base.scale_grad_by_freq

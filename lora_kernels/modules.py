@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError
+from ._checks import LoRAInputError, check_lora_settings
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_linear, unmerge_
 from .named_adapters import NamedAdaptersMixin
@@ -78,12 +78,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         self.fan_in_fan_out = is_conv1d(base)
         if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
             raise TypeError(unsupported_base("LoRALinear", base))
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRALinear: rank r must be a positive int, got {r!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"LoRALinear: alpha must be finite, got {alpha}")
+        check_lora_settings("LoRALinear", r, alpha, dropout)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base.weight.shape
         else:

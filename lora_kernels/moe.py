@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ._backend import resolve_backend
+from ._checks import check_lora_settings
 from .functional import lora_linear, moe_lora_linear
 from .ops.moe_lora import MoERouting, pick_block_m
 from .reference import lora_scale
@@ -140,10 +141,7 @@ def _new_lora(E: int, r: int, n_in: int, n_out: int, share_a: bool, dtype, devic
 
 class _LoRAConfigMixin:
     def _init_lora(self, r, alpha, use_rslora, backend, share_a):
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"{type(self).__name__}: rank r must be a positive int, got {r!r}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"{type(self).__name__}: alpha must be finite, got {alpha}")
+        check_lora_settings(type(self).__name__, r, alpha)
         # lora_-prefixed: experts modules have attributes of their own (GPT-OSS: alpha, the SwiGLU constant)
         self.lora_r, self.lora_alpha, self.use_rslora, self.share_a = r, float(alpha), bool(use_rslora), bool(share_a)
         self.lora_scale = lora_scale(alpha, r, use_rslora)

@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError
+from ._checks import LoRAInputError, check_lora_settings
 from ._merge_state import MergeRecordState
 from .functional import lora_linear
 from .reference import lora_scale
@@ -85,15 +85,6 @@ def _check_name(where: str, name) -> str:
     if not isinstance(name, str) or not name or "." in name:
         raise LoRAInputError(f"{where}: adapter name must be a non-empty str without '.', got {name!r}")
     return name
-
-
-def _check_settings(where: str, r, alpha, dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise LoRAInputError(f"{where}: rank r must be a positive int, got {r!r}")
-    if not (0.0 <= float(dropout) < 1.0):
-        raise LoRAInputError(f"{where}: dropout must be in [0, 1), got {dropout}")
-    if not math.isfinite(float(alpha)):
-        raise LoRAInputError(f"{where}: alpha must be finite, got {alpha}")
 
 
 class NamedAdaptersMixin(MergeRecordState):
@@ -165,7 +156,7 @@ class NamedAdaptersMixin(MergeRecordState):
         active (``set_adapter``) and, as in PEFT, its parameters are trainable only while it is active."""
         where = f"{type(self).__name__}.add_adapter"
         _check_name(where, name)
-        _check_settings(where, r, alpha, dropout)
+        check_lora_settings(where, r, alpha, dropout)
         if name in self.adapter_names:
             raise LoRAInputError(f"{where}: adapter {name!r} already exists (adapters: {list(self.adapter_names)})")
         if getattr(self, "use_dora", False):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import quant as Q
-from ._checks import LoRAInputError
+from ._checks import LoRAInputError, check_lora_settings
 from .functional import quant_lora_linear
 from .ops.quant_linear import check_quant_weight
 from .reference import lora_scale
@@ -86,12 +86,7 @@ class LoRAQuantLinear(nn.Module):
                  backend: Optional[str] = None, merge_on_eval: bool = False,
                  lora_dtype: Optional[torch.dtype] = None, strategy: Optional[str] = None):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRAQuantLinear: rank r must be a positive int, got {r!r}")
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(f"LoRAQuantLinear: dropout must be in [0, 1), got {dropout}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"LoRAQuantLinear: alpha must be finite, got {alpha}")
+        check_lora_settings("LoRAQuantLinear", r, alpha, dropout)
         if merge_on_eval:
             raise LoRAInputError(_merge_refusal("merge_on_eval=True"))
         if lora_dtype is not None and (not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point
