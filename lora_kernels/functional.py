@@ -43,6 +43,13 @@ def _check_seed(seed) -> int:
         raise LoRAInputError(f"lora_kernels.lora_linear: seed must be an int or None, got {seed!r}") from None
 
 
+def _resolve_seed(seed, dropout_p: float) -> int:
+    """The dropout seed an op gets: the caller's (checked), a fresh draw when dropout is on, else 0 (unused)."""
+    if seed is not None:
+        return _check_seed(seed)
+    return _draw_seed() if dropout_p > 0.0 else 0
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x·W0ᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`` with a fused backward.
 
@@ -163,12 +170,7 @@ def lora_linear(
     if lora_a.dtype != x.dtype:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     dropout_p = float(dropout_p)
-    if seed is not None:
-        seed = _check_seed(seed)
-    elif dropout_p > 0.0:
-        seed = _draw_seed()
-    else:
-        seed = 0
+    seed = _resolve_seed(seed, dropout_p)
     be = resolve_backend("lora_linear", x, weight, lora_a, lora_b, bias, backend=backend)
     if ac is not None:
         with torch.autocast(ac, enabled=False):
@@ -263,12 +265,7 @@ def _dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backen
     if lora_a.dtype != x.dtype:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     dropout_p = float(dropout_p)
-    if seed is not None:
-        seed = _check_seed(seed)
-    elif dropout_p > 0.0:
-        seed = _draw_seed()
-    else:
-        seed = 0
+    seed = _resolve_seed(seed, dropout_p)
     be = _dora_backend(x, weight, lora_a, lora_b, bias, dropout_p, backend)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
@@ -582,12 +579,7 @@ def quant_lora_linear(
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     dropout_p = float(dropout_p)
-    if seed is not None:
-        seed = _check_seed(seed)
-    elif dropout_p > 0.0:
-        seed = _draw_seed()
-    else:
-        seed = 0
+    seed = _resolve_seed(seed, dropout_p)
     # the packed weight joins only as a device witness (its dtype is not a compute dtype)
     be = resolve_backend("quant_lora_linear", x, lora_a, lora_b, bias, torch.empty(0, dtype=torch.uint8, device=qw.device), backend=backend)
     args = (x, lora_a, lora_b, bias, qw, scale, dropout_p, seed, be, strategy or "auto")

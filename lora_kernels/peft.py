@@ -196,22 +196,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = mods["base_layer"]
     drop = mods["lora_dropout"]._modules.get(name)
     p = float(drop.p) if (drop is not None and drop.training and type(drop) is nn.Dropout) else 0.0
+    magnitude = None
     if self.__dict__.get("use_dora", {}).get(name, False):
         # PEFT's DoraLinearVariant: dropout (nn.Dropout, module in training) gives the two-base-GEMM form, else
         # g⊙(x·W0ᵀ + s·x·Aᵀ·Bᵀ) + bias; the magnitude is PEFT's own Parameter (save/load unchanged)
         if not self.training:
             p = 0.0
-        return lora_linear(
-            x,
-            _param(base, "weight"),
-            _param(mods["lora_A"]._modules[name], "weight"),
-            _param(mods["lora_B"]._modules[name], "weight"),
-            float(self.scaling[name]),
-            _param(base, "bias"),
-            dropout_p=p,
-            backend=self.__dict__.get(_BACKEND_ATTR),
-            magnitude=mods["lora_magnitude_vector"]._modules[name]._parameters["weight"],
-        )
+        magnitude = mods["lora_magnitude_vector"]._modules[name]._parameters["weight"]
     return lora_linear(
         x,
         _param(base, "weight"),
@@ -221,6 +212,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _param(base, "bias"),
         dropout_p=p,
         backend=self.__dict__.get(_BACKEND_ATTR),
+        magnitude=magnitude,
     )
 
 
