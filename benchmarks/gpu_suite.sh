@@ -86,6 +86,10 @@ if [ "$STAGE" = bench ] || [ "$STAGE" = full ]; then
     if [ "$STAGE" = full ]; then
         step "benchmark ops (CLI)"; run 100000 lora-kernels bench --no-progress --full --json "$OUT/bench_ops.json"
         step "benchmark e2e";       run 100000 lora-kernels bench --model llama-7b-layer --json "$OUT/bench_e2e.json" --png "$OUT/bench_e2e.png"
+        step "benchmark qlora";     run 100000 python benchmarks/bench_qlora.py --out "$OUT/bench_qlora.json"
+        step "benchmark moe_lora";  run 100000 python benchmarks/bench_moe_lora.py --out "$OUT/bench_moe_lora.json"
+        # DoRA: the GPU part (bf16 M=8192 K=N=4096 r=16 vs base GEMM and PEFT DoRA); the CPU part kept tiny here
+        step "benchmark dora";      run 100000 python benchmarks/bench_dora.py --M 64 --K 128 --rounds 3 --md "$OUT/bench_dora.md"
     fi
 fi
 step "done (status $status)"
