@@ -191,16 +191,49 @@ def _lora_linear_variants(dtype):
 
 
 def _dora_jobs(dm, dtype, variant, shape):
-    """DoRA's dm column reduction (triton/dora.py ``_dora_dm_kernel``): dy and ypre [M, N], any strides."""
-    M, N = shape["M"], shape["N"]
+    """DoRA's dm column reduction (triton/dora.py ``_dora_dm_kernel``): dy and ypre [M, N], any strides; and the
+    dropout GEMM (``_dora_dropout_gemm_kernel``), mirroring ``_launch_drop_gemm``: the forward (x·W0ᵀ and
+    (x⊙keep)·W0ᵀ, the shrink fused for r <= 32, ypre stored when the magnitude trains) and the dx GEMM."""
+    M, N, K = shape["M"], shape["N"], shape["K"]
     ragged = shape is _SHAPES["ragged"]
     dyn = (1, M + 5) if ragged else (N, 1)
     mb = 1 << min(16, (M - 1).bit_length())
-    return [("_dora_dm_kernel", (_t(dtype), _t(dtype), _t("fp32"), M, N, *dyn, N, 1, mb), {})]
+    kind = variant["kind"]
+    if kind == "dm":
+        return [("_dora_dm_kernel", (_t(dtype), _t(dtype), _t("fp32"), M, N, *dyn, N, 1, mb), {})]
+    R = variant["R"]
+    block_r = min(128, max(16, 1 << (R - 1).bit_length()))
+    prec = variant.get("prec", "tf32")
+    seed = (-123456789, 1 << 23, 1.25)
+    # the r-wide epilogue reads xa / dxa in EPI_BLOCK_R chunks unless the forward fuses the shrink (r <= 32)
+    epi_r = block_r if (kind == "drop_fwd" and variant["fused"]) else min(block_r, dm.EPI_BLOCK_R)
+    common = dict(EPI_LOW=dtype == "bf16", BLOCK_R=epi_r, INPUT_PRECISION=prec)
+    if kind == "drop_fwd":
+        # Aop = x [M, K], Bop[k, n] = W0[n, k], C = y [M, N], L = xa fp32 [M, R], Rt[j, n] = B[n, j], SA = A [R, K]
+        xs = (1, M + 3) if ragged else (K, 1)
+        fused, save_pre = variant["fused"], variant["save_pre"]
+        return [("_dora_dropout_gemm_kernel", (
+            _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype),
+            M, N, K, R, *xs, 1, K, N, 1, R, 1, 1, R, *((K, 1) if fused else (0, 0)), *((N, 1) if save_pre else (0, 0)),
+            2.0, *seed, mb),
+            dict(FORWARD=True, HAS_BIAS=variant["bias"], FUSED_SHRINK=fused, SAVE_PRE=save_pre, **common))]
+    # drop_dx: Aop = dy [M, N], Bop = W0 [N, K], C = dx [M, K], L = dxa fp32 [M, R], Rt = A [R, K]; GEMM K = N
+    return [("_dora_dropout_gemm_kernel", (
+        _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t(dtype),
+        M, K, N, R, *dyn, K, 1, K, 1, R, 1, K, 1, 0, 0, 0, 0, 1.0, *seed, mb),
+        dict(FORWARD=False, HAS_BIAS=False, FUSED_SHRINK=False, SAVE_PRE=False, **common))]
 
 
 def _dora_variants(dtype):
-    return [dict(kind="dm")]
+    out = [dict(kind="dm")]
+    precs = ("tf32", "ieee") if dtype == "fp32" else ("tf32",)
+    for prec in precs:
+        for R in (16, 128):
+            for save_pre in (True, False):
+                # the launcher fuses the shrink for r <= 32 (FUSED_SHRINK_MAX_R), else lora_linear's shrink runs first
+                out.append(dict(kind="drop_fwd", R=R, prec=prec, bias=save_pre, fused=R <= 32, save_pre=save_pre))
+            out.append(dict(kind="drop_dx", R=R, prec=prec))
+    return out
 
 
 def _multi_lora_jobs(ml, dtype, variant, shape):
@@ -380,7 +413,8 @@ def _moe_lora_jobs(mm, dtype, variant, shape):
     GEMM forward and backward over a routing's tiles (x token rows or pair rows; W [E, N, K] or stored transposed
     [E, K, N] as GPT-OSS does, B as a [E, N, r] tensor or PEFT's strided [N, r·E] view, A per expert or shared), the
     combine (and the cast of an fp32 atomic routing sum), the serving update over [L, E, r, K] slots. ``atomic``:
-    the routing sum by fp32 atomics (forward: into the [M, N] sum; backward: dx of token-row x into [M, K])."""
+    the routing sum by atomics (forward: into the [M, N] sum; backward: dx of token-row x into [M, K]): True = fp32
+    atomics, "out" = atomics in the output dtype itself (triton/moe_lora.py: routing_sum's "atomic_out")."""
     M, N, K = shape["M"], shape["N"], shape["K"]
     ragged = shape is _SHAPES["ragged"]
     E, k, L = 8, 2, 4
@@ -398,25 +432,26 @@ def _moe_lora_jobs(mm, dtype, variant, shape):
     b_s = (1, R * E, E) if peft else (N * R, R, 1)
     kind = variant["kind"]
     atomic = variant.get("atomic", False)
+    acc_t = dtype if atomic == "out" else "fp32" if atomic else dtype  # the dtype of the buffer out / dx is written to
     if kind == "fwd":
         lora = variant.get("lora", True)
         return [("_moe_fwd_kernel", (
-            _t("fp32" if atomic else dtype), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"),
+            _t(acc_t), _t("fp32"), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"),
             _t("i32"), _t("i32"),
             N, K, R if lora else 0, k, T, E,
             N, 1, R, 1, *xs, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
             dict(X_PAIR=xp, HAS_LORA=lora, HAS_BIAS=variant.get("bias", False), HAS_WEIGHTS=variant.get("weights", False),
-                 ATOMIC_OUT=atomic, EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
+                 ATOMIC_OUT=bool(atomic), EPI_LOW=dtype == "bf16", BLOCK_R=block_r, INPUT_PRECISION=prec, BLOCK_M=bm))]
     if kind == "bwd":
         dyn = (1, M + 5) if ragged else (N, 1)
         flags = {f: variant.get(f.lower(), True) for f in ("COMPUTE_DX", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DW")}
         return [("_moe_bwd_kernel", (
-            _t("fp32" if atomic else dtype), _t("fp32"), _t("fp32"), _t("fp32"), _t(dtype), _t(dtype), _t("fp32"),
+            _t(acc_t), _t("fp32"), _t("fp32"), _t("fp32"), _t(dtype), _t(dtype), _t("fp32"),
             _t(dtype), _t(dtype), _t(dtype), _t(dtype), _t("fp32"), _t("i32"), _t("i32"),
             N, K, R, k, T, E,
             K, 1, *dyn, *xs, R, 1, *ws, N, 1, *a_s, *b_s, k, 1, T, 0.5),
             dict(X_PAIR=xp, DY_PAIR=variant.get("dy_pair", False), HAS_LORA=True, HAS_BIAS=variant.get("bias", False),
-                 HAS_WEIGHTS=variant.get("weights", True), ATOMIC_DX=atomic, EPI_LOW=dtype == "bf16", BLOCK_R=block_r,
+                 HAS_WEIGHTS=variant.get("weights", True), ATOMIC_DX=bool(atomic), EPI_LOW=dtype == "bf16", BLOCK_R=block_r,
                  INPUT_PRECISION=prec, BLOCK_M=bm, **flags))]
     if kind == "combine":
         if variant.get("cast"):  # the fp32 atomic sum [M, N] cast to the output dtype (k = 1)
@@ -447,10 +482,12 @@ def _moe_lora_variants(dtype):
         dict(kind="fwd", peft_layout=True, shared_a=True),  # transposed storage, PEFT's strided B, shared A
         dict(kind="fwd", lora=False),  # the plain grouped GEMM
         dict(kind="fwd", x_pair=True, weights=True, bias=True, atomic=True),  # down projection, atomic routing sum
+        dict(kind="fwd", x_pair=True, weights=True, bias=True, atomic="out"),  # ... by atomics in y's own dtype
         dict(kind="bwd", x_pair=True, dy_pair=False, bias=True, block_m=16),
         dict(kind="bwd", peft_layout=True, shared_a=True, weights=False, compute_dw=False),
         dict(kind="bwd", compute_dx=False, compute_da=False, compute_dw=False),  # dB only (frozen A, no router grad)
         dict(kind="bwd", dy_pair=True, weights=False, compute_dw=False, atomic=True),  # gate/up: dx summed by atomics
+        dict(kind="bwd", dy_pair=True, weights=False, compute_dw=False, atomic="out"),  # ... in dx's own dtype
         dict(kind="combine"),
         dict(kind="combine", cast=True),
         dict(kind="delta", x_pair=True, weights=True, has_ranks=False, block_m=16, ranks_dtype="fp32"),
@@ -556,6 +593,9 @@ def _kernel_table(mods):
     for name in ("_moe_fwd_kernel", "_moe_bwd_kernel", "_moe_combine_kernel", "_moe_delta_kernel"):
         table[name] = ("moe_lora", getattr(mm, name), _configs(getattr(mm, name)), None)
     table["_dora_dm_kernel"] = ("dora", mods["dora"]._dora_dm_kernel, _configs(mods["dora"]._dora_dm_kernel), None)
+    cfgs = _configs(mods["dora"]._dora_dropout_gemm_kernel)
+    table["_dora_dropout_gemm_kernel"] = ("dora", mods["dora"]._dora_dropout_gemm_kernel, cfgs,
+                                          min(range(len(cfgs)), key=lambda i: cfgs[i][0]["BLOCK_M"]))
     return table
 
 
@@ -733,7 +773,8 @@ def run_worker(level: str, procs: int, jsonl: str):
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the compile worker must run with the interpreter off"
     items = build_jobs(level)
     # heaviest kernels first so the pool's tail is short
-    weight = {"_lora_gemm_kernel": 0, "_quant_gemm_kernel": 0, "_lora_shrink_kernel": 1, "_lora_dy_kernel": 1}
+    weight = {"_lora_gemm_kernel": 0, "_quant_gemm_kernel": 0, "_dora_dropout_gemm_kernel": 0, "_lora_shrink_kernel": 1,
+              "_lora_dy_kernel": 1}
     items.sort(key=lambda it: weight.get(it[0]["kernel"], 2))
     with open(jsonl, "a") as f:
         if procs <= 1:
@@ -765,8 +806,8 @@ def check_results(results):
       supersets); one of them must fit, and if there is only one it must fit (the autotuner does not benchmark a
       single config, so it cannot skip it);
     * any autotuned kernel: of a fully compiled config list, at least one config must fit;
-    * lora_linear: no register spills in a config the autotuner can pick at M >= LARGE_M (BLOCK_M >=
-      LARGE_M_MIN_BLOCK_M of triton/lora_linear.py).
+    * lora_linear and DoRA's dropout GEMM: no register spills in a config the autotuner can pick at M >= LARGE_M
+      (BLOCK_M >= LARGE_M_MIN_BLOCK_M of triton/lora_linear.py).
     """
     from lora_kernels.triton.lora_linear import LARGE_M_MIN_BLOCK_M
 
@@ -774,7 +815,8 @@ def check_results(results):
     for r in results:
         if not r["ok"]:
             problems.append(f"compile error: {_label(r)}: {r['error']}")
-        elif (r["module"] == "lora_linear" and r["meta"]["BLOCK_M"] >= LARGE_M_MIN_BLOCK_M
+        elif ((r["module"] == "lora_linear" or r["kernel"] == "_dora_dropout_gemm_kernel")
+              and r["meta"]["BLOCK_M"] >= LARGE_M_MIN_BLOCK_M
               and (r.get("spill_stores") or r.get("spill_loads"))):
             problems.append(f"spills {r.get('spill_stores')} B in a large-M config: {_label(r)}")
     groups = {}

@@ -17,10 +17,11 @@ Kernels (launch order):
   forward  ``_moe_fwd_kernel`` (+ ``_moe_combine_kernel`` when combine and k > 1, except an fp32 atomic sum)
   backward ``_moe_bwd_kernel`` (+ ``_moe_combine_kernel`` for dx of token-row x when k > 1, likewise)
   serving  ``_moe_delta_kernel``, one launch per packed slice
-The routing sum (a token's k pair rows summed into its row: y with combine, dx of token-row x) is formed one of two
+The routing sum (a token's k pair rows summed into its row: y with combine, dx of token-row x) is formed one of three
 ways, chosen by :func:`routing_sum` alone: a per-pair buffer in the output dtype that ``_moe_combine_kernel`` sums in
-a fixed order (deterministic), or fp32 atomic adds from the GEMM's epilogue into a zeroed [M, ·] accumulator that
-``_moe_combine_kernel`` (k = 1) casts once (none for fp32, where the result itself is the accumulator).
+a fixed order (deterministic), fp32 atomic adds from the GEMM's epilogue into a zeroed [M, ·] accumulator that
+``_moe_combine_kernel`` (k = 1) casts once (none for fp32, where the result itself is the accumulator), or atomic
+adds in the 16-bit output dtype straight into the zeroed result (the default for 16-bit: fewest bytes).
 Every kernel works on the tiles of a :class:`lora_kernels.ops.moe_lora.MoERouting`: pairs sorted by expert
 (serving: by (adapter, expert)), cut into tiles of at most BLOCK_M pairs of one group; one program per (tile slot,
 column block), so experts without tokens cost nothing and unused tile slots exit at once. Rows are gathered
@@ -36,8 +37,10 @@ output block), dB (the column-0 programs) and the routing-weight gradient (epilo
 Numerics: every product accumulates in fp32; fp32 inputs use TF32 unless ``LORA_KERNELS_FP32_PRECISION=ieee``
 (as in ``triton/lora_linear.py``); bf16 meets the r-wide fp32 intermediates in bf16 (no fp32 x bf16 MMA), fp16
 and fp32 keep them fp32. Routing sum through the buffer: each pair's weighted output is rounded to y's dtype and
-the k rows of a token are summed in fp32 and rounded again; through atomics: the k fp32 rows are summed in fp32
-and rounded once, in the order the programs run (the last bits can differ between runs). dA, dB and the
+the k rows of a token are summed in fp32 and rounded again; through fp32 atomics: the k fp32 rows are summed in fp32
+and rounded once; through 16-bit atomics: each of the k rows is rounded to the output dtype as it is added (k
+roundings, the eager MoE's own numerics); atomics add in the order the programs run (the last bits can differ
+between runs). dA, dB and the
 routing-weight gradient are fp32 atomic sums over tiles (their last bits can depend on the order of those
 additions, whatever the routing sum).
 
@@ -49,6 +52,7 @@ capacity), so with a prebuilt routing they can be captured in a CUDA graph after
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -159,8 +163,8 @@ def _moe_fwd_kernel(
     # column-0 program). Reads the tile's pair indices, x rows (gathered), W[e] (read as W[e]ᵀ through its strides),
     # A[e], B[e], bias[e], the pairs' routing weights; writes out rows and xa rows (scattered to pair order). A tile
     # of pairs without an expert (e == E) writes zero rows. ATOMIC_OUT (the routing sum by atomics): out is the
-    # zeroed fp32 [M, N] sum and each pair's row is atomically added to its token's row t = p // k instead (a tile
-    # of pairs without an expert adds nothing).
+    # zeroed [M, N] sum (fp32, or y itself in its own dtype) and each pair's row is atomically added, in out's dtype,
+    # to its token's row t = p // k instead (a tile of pairs without an expert adds nothing).
     pid = tl.program_id(0)
     num_cols = tl.cdiv(N, BLOCK_N)
     tile, pid_n = _grouped_pid(pid, NUM_TILES, num_cols, GROUP_M)
@@ -234,7 +238,7 @@ def _moe_fwd_kernel(
         c = tl.load(tw_ptr + (pair // TOP_K) * stride_twt + (pair % TOP_K) * stride_twj, mask=m_ok, other=0.0)
         acc = acc * c.to(tl.float32)[:, None]
     if ATOMIC_OUT:
-        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -284,8 +288,9 @@ def _moe_bwd_kernel(
     # g = acc + dxa·A[e]; dxp[p] = c_p·g_p (scattered to pair order); with the x tile of this block (gathered)
     # dA[e] += (c·dxa)ᵀ·x (atomics into the zeroed [E, R, K] buffer) and dc[p] += g_p·x_p (+ dy_p·bias[e] in the
     # column-0 programs; atomics into the zeroed [M·k] buffer). Tiles of pairs without an expert write zero dxp rows.
-    # ATOMIC_DX (token-row x, the routing sum by atomics): dxp is the zeroed fp32 [M, K] dx and c_p·g_p is atomically
-    # added to token row p // k instead (tiles of pairs without an expert add nothing).
+    # ATOMIC_DX (token-row x, the routing sum by atomics): dxp is the zeroed [M, K] sum (fp32, or dx itself in its own
+    # dtype) and c_p·g_p is atomically added, in dxp's dtype, to token row p // k instead (tiles of pairs without an
+    # expert add nothing).
     pid = tl.program_id(0)
     if COMPUTE_DX or COMPUTE_DA or COMPUTE_DW:
         num_kb = tl.cdiv(K, BLOCK_K)
@@ -370,7 +375,8 @@ def _moe_bwd_kernel(
                 acc = tl.dot(dxa, at.to(tl.float32), acc, input_precision=INPUT_PRECISION)
     if COMPUTE_DX:
         if ATOMIC_DX:
-            tl.atomic_add(dx_ptrs, acc * c[:, None], mask=m_ok[:, None] & k_ok[None, :], sem="relaxed")
+            tl.atomic_add(dx_ptrs, (acc * c[:, None]).to(dxp_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :],
+                          sem="relaxed")
         else:
             tl.store(dx_ptrs, (acc * c[:, None]).to(dxp_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
     DO_DA: tl.constexpr = HAS_LORA and COMPUTE_DA
@@ -479,6 +485,11 @@ def _zeros(shape, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
+def _zeroed(shape, dtype, device) -> torch.Tensor:
+    """The zeroed result an atomic routing sum adds into in the result's own dtype (fp32 y / dx, or "atomic_out")."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
 
@@ -514,6 +525,10 @@ def _combine(y, buf, M, k):
     _moe_combine_kernel[grid](y, buf, M, y.shape[1], k, y.stride(0), y.stride(1), buf.stride(0), buf.stride(1))
 
 
+SUM_ENV = "LORA_KERNELS_MOE_SUM"
+SUM_MODES = ("auto", "fp32", "buffer")
+
+
 def routing_sum(M: int, k: int, N: int, dtype: torch.dtype) -> str:
     """How a token's k pair rows [M·k, N] are summed into its row of the [M, N] result (y of the forward with
     combine; dx of token-row x in the backward, N = K there); the one place this is chosen:
@@ -521,24 +536,34 @@ def routing_sum(M: int, k: int, N: int, dtype: torch.dtype) -> str:
     * ``"direct"``: k == 1, the kernel writes the result itself;
     * ``"buffer"``: each pair's row is written in ``dtype`` to a [M·k, N] buffer that ``_moe_combine_kernel`` sums
       per token in fp32 in a fixed order (bitwise reproducible);
-    * ``"atomic"``: each pair's row is added by fp32 atomics into a zeroed [M, N] accumulator (the result itself
-      when ``dtype`` is fp32), then cast once by ``_moe_combine_kernel`` (k = 1); the fp32 order of the k additions
-      is the order the programs run in, so the last bits can differ between runs.
+    * ``"atomic"``: each pair's row is added by fp32 atomics into a zeroed fp32 [M, N] accumulator (the result itself
+      when ``dtype`` is fp32), then cast once by ``_moe_combine_kernel`` (k = 1);
+    * ``"atomic_out"`` (16-bit ``dtype``): each pair's row is added by atomics in ``dtype`` into the zeroed result
+      itself: k roundings to ``dtype`` per element, as the model's own eager MoE makes (Transformers sums expert
+      outputs with ``index_add_`` in the model dtype), against one for the fp32 sums.
+    Atomic sums add in the order the programs run, so their last bits can differ between runs.
 
-    ``torch.use_deterministic_algorithms(True)`` (torch's switch, warn_only included) always gives "buffer".
-    Otherwise the one moving fewer bytes beyond the result's own write, with b = ``dtype``'s element size:
-    buffer 2·b·M·k·N (the buffer written once and read back once); atomic 8·M·N for b = 4 (the zeroing, the
-    atomics' read of each element) and 16·M·N otherwise (the accumulator's zeroing 4·M·N, the atomics' read and
-    write 8·M·N, the cast's read 4·M·N). So "atomic" from k = 2 on for fp32 and from k = 5 on for 16-bit (a tie
-    keeps the deterministic buffer)."""
+    Bytes beyond the result's own write (b = ``dtype``'s element size): buffer 2·b·M·k·N (written once, read back
+    once); atomic 8·M·N for b = 4 (the zeroing, the atomics' read), 16·M·N otherwise (the accumulator's zeroing 4·M·N,
+    the atomics' read and write 8·M·N, the cast's read 4·M·N); atomic_out 2·b·M·N (the zeroing, the atomics' read).
+
+    Rule: ``torch.use_deterministic_algorithms(True)`` (warn_only included) or ``$LORA_KERNELS_MOE_SUM=buffer``: the
+    buffer. ``$LORA_KERNELS_MOE_SUM=fp32``: the fp32 sum moving fewer bytes (buffer or atomic; a tie keeps the
+    buffer). ``auto`` (default): the fewest bytes of all three, i.e. atomic_out for 16-bit results from k = 2 on
+    (4·M·N against the buffer's 4·M·k·N) and atomic for fp32 ones."""
     if k == 1:
         return "direct"
-    if torch.are_deterministic_algorithms_enabled():
+    mode = os.environ.get(SUM_ENV, "auto").strip().lower() or "auto"
+    if mode not in SUM_MODES:
+        raise LoRAInputError(f"${SUM_ENV}={os.environ.get(SUM_ENV)!r}: choose one of {SUM_MODES}")
+    if mode == "buffer" or torch.are_deterministic_algorithms_enabled():
         return "buffer"
     b = dtype.itemsize
-    buffer_bytes = 2 * b * M * k * N
-    atomic_bytes = (8 if b == 4 else 16) * M * N
-    return "atomic" if atomic_bytes < buffer_bytes else "buffer"
+    if b == 4:
+        return "atomic" if 8 * M * N < 2 * b * M * k * N else "buffer"
+    if mode == "auto":
+        return "atomic_out"
+    return "atomic" if 16 * M * N < 2 * b * M * k * N else "buffer"
 
 
 def moe_lora_fwd_triton(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_weights, combine, groups=None):
@@ -555,8 +580,8 @@ def moe_lora_fwd_triton(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_w
     if N == 0:
         return _alloc((M if combine else P, 0), x.dtype, x.device), xa.zero_()
     how = routing_sum(M, k, N, x.dtype) if combine else "direct"
-    if how == "atomic" and x.dtype == torch.float32:
-        y = out = _zeros((M, N), x.device)  # the atomics add into the result itself
+    if how == "atomic_out" or (how == "atomic" and x.dtype == torch.float32):
+        y = out = _zeroed((M, N), x.dtype, x.device)  # the atomics add into the result itself
     else:
         y = _alloc((M if combine else P, N), x.dtype, x.device)
         if how == "direct":
@@ -582,7 +607,7 @@ def moe_lora_fwd_triton(x, weight, bias, lora_a, lora_b, scale, topk_ids, topk_w
         *_tw_strides(tw), tiles.stride(0),
         float(scale),
         X_PAIR=x.shape[0] == P, HAS_LORA=lora, HAS_BIAS=bias is not None, HAS_WEIGHTS=tw is not None,
-        ATOMIC_OUT=how == "atomic", EPI_LOW=x.dtype == torch.bfloat16, BLOCK_R=_block_r(R),
+        ATOMIC_OUT=how in ("atomic", "atomic_out"), EPI_LOW=x.dtype == torch.bfloat16, BLOCK_R=_block_r(R),
         INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=bm,
     )
     if how == "buffer":
@@ -618,8 +643,8 @@ def moe_lora_bwd_triton(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids
     # dx of token-row x sums each token's k pair gradients: the routing sum, chosen as in the forward
     how = routing_sum(M, k, K, dy.dtype) if (need_dx and not x_pair) else "direct"
     dx = dxp = None
-    if how == "atomic" and dy.dtype == torch.float32:
-        dx = dxp = _zeros((M, K), dev)  # the atomics add into dx itself
+    if how == "atomic_out" or (how == "atomic" and dy.dtype == torch.float32):
+        dx = dxp = _zeroed((M, K), dy.dtype, dev)  # the atomics add into dx itself
     elif need_dx:
         dx = _alloc((x.shape[0], K), dy.dtype, dev)
         if how == "direct":
@@ -653,7 +678,7 @@ def moe_lora_bwd_triton(dy, x, xa, weight, bias, lora_a, lora_b, scale, topk_ids
         *_tw_strides(tw), tiles.stride(0),
         float(scale),
         X_PAIR=x_pair, DY_PAIR=not combine, HAS_LORA=lora, HAS_BIAS=bias is not None, HAS_WEIGHTS=tw is not None,
-        COMPUTE_DX=need_dx, COMPUTE_DA=need_da, COMPUTE_DB=need_db, COMPUTE_DW=need_dw, ATOMIC_DX=how == "atomic",
+        COMPUTE_DX=need_dx, COMPUTE_DA=need_da, COMPUTE_DB=need_db, COMPUTE_DW=need_dw, ATOMIC_DX=how in ("atomic", "atomic_out"),
         EPI_LOW=dy.dtype == torch.bfloat16, BLOCK_R=_block_r(R), INPUT_PRECISION=_input_precision(dy.dtype), BLOCK_M=bm,
     )
     if how == "buffer":
