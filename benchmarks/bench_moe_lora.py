@@ -6,7 +6,9 @@ Not run yet: the sessions that wrote it had no GPU. On an H100/H200 it measures 
   routing sum; the gradients of the LoRA factors, of x and of the routing weights):
     - ``grouped``       lora_kernels' grouped expert GEMMs without LoRA (the no-LoRA baseline of the target
                         "MoE-LoRA layer fwd+bwd <= 1.15x the no-LoRA grouped GEMM");
-    - ``ours``          the same with LoRA (r = 16) on both projections, fused (``experts_forward``);
+    - ``ours``          the same with LoRA (r = 16) on both projections, fused (``experts_forward``), default routing
+                        sum (16-bit atomics); ``ours_sum_fp32`` / ``ours_sum_buffer``: with LORA_KERNELS_MOE_SUM=fp32
+                        / buffer (which routing sum is fastest is a GPU question);
     - ``hf``            Transformers' own ``grouped_mm`` experts implementation, no LoRA;
     - ``peft``          PEFT ``target_parameters`` LoRA on Transformers' ``grouped_mm`` (W + s·B·A every forward);
 * **serving** (bf16, inference, CUDA graph after a warm-up): the whole experts module for a batch of tokens
@@ -105,10 +107,30 @@ def bench_training(name, shape, M, r, dtype, device, smoke):
             y.backward(torch.ones_like(y))
         return run
 
+    def ours_step():
+        if smoke:
+            lora = {n: (ours.lora_A[n], ours.lora_B[n], ours.lora_scale) for n in ours.lora_A}
+            return lkmoe.experts_forward(ours, x, ids, w, lora, backend=be)
+        return ours(x, ids, w)
+
+    def with_sum(mode, fn):  # the routing sum (triton/moe_lora.py: routing_sum) under $LORA_KERNELS_MOE_SUM=mode
+        def run():
+            prev = os.environ.get("LORA_KERNELS_MOE_SUM")
+            os.environ["LORA_KERNELS_MOE_SUM"] = mode
+            try:
+                fn()
+            finally:
+                if prev is None:
+                    os.environ.pop("LORA_KERNELS_MOE_SUM")
+                else:
+                    os.environ["LORA_KERNELS_MOE_SUM"] = prev
+        return run
+
     variants = {
         "grouped": step(lambda: lkmoe.experts_forward(base, x, ids, w, {}, backend=be)),
-        "ours": step(lambda: ours(x, ids, w) if not smoke else lkmoe.experts_forward(
-            ours, x, ids, w, {n: (ours.lora_A[n], ours.lora_B[n], ours.lora_scale) for n in ours.lora_A}, backend=be)),
+        "ours": step(ours_step),  # default routing sum (16-bit atomics for bf16)
+        "ours_sum_fp32": with_sum("fp32", step(ours_step)),
+        "ours_sum_buffer": with_sum("buffer", step(ours_step)),
         "hf": step(lambda: hf(x, ids, w)),
         "peft": step(lambda: pm.base_model.model.experts(x, ids, w)),
     }
