@@ -161,6 +161,19 @@ def check_lora_settings(where: str, r, alpha, dropout=0.0) -> None:
         raise LoRAInputError(f"{where}: alpha must be finite, got {alpha}")
 
 
+def init_lora_settings(layer, where: str, r, alpha, dropout, use_rslora: bool, backend, merge_on_eval: bool) -> None:
+    """Check (``check_lora_settings``) and set the adapter settings every LoRA layer carries: ``r``, ``alpha``,
+    ``use_rslora``, ``scale`` (``reference.lora_scale``), ``dropout``, ``backend``, ``merge_on_eval``."""
+    from .reference import lora_scale
+
+    check_lora_settings(where, r, alpha, dropout)
+    layer.r, layer.alpha, layer.use_rslora = r, float(alpha), use_rslora
+    layer.scale = lora_scale(alpha, r, use_rslora)
+    layer.dropout = float(dropout)
+    layer.backend = backend
+    layer.merge_on_eval = merge_on_eval
+
+
 def check_dropout_p(op: str, dropout_p) -> None:
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= float(dropout_p) < 1.0):
         fail(op, f"dropout_p must be in [0, 1), got {dropout_p}")

@@ -15,10 +15,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError, check_lora_settings
+from ._checks import LoRAInputError, init_lora_settings
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import merge_, unmerge_
-from .reference import lora_scale
 
 __all__ = ["LoRAConv2d"]
 
@@ -52,18 +51,13 @@ class LoRAConv2d(nn.Module):
         why = self.unsupported(base)
         if why:
             raise ValueError(f"LoRAConv2d: {why}")
-        check_lora_settings("LoRAConv2d", r, alpha, dropout)
+        init_lora_settings(self, "LoRAConv2d", r, alpha, dropout, use_rslora, backend, merge_on_eval)
         self.in_features, self.out_features = base.in_channels, base.out_channels
         self.kernel_size = tuple(base.kernel_size)
         self.stride, self.padding = base.stride, base.padding
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scale = lora_scale(alpha, r, use_rslora)
-        self.dropout = float(dropout)
-        self.backend = backend
-        self.merge_on_eval = merge_on_eval
         dt = lora_dtype or base.weight.dtype
         dev = base.weight.device
         kh, kw = base.kernel_size

@@ -12,11 +12,10 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError, check_lora_settings
+from ._checks import LoRAInputError, init_lora_settings
 from ._merge_state import MergeRecordState
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_embedding, unmerge_
-from .reference import lora_scale
 
 __all__ = ["LoRAEmbedding", "tied_merge_guard"]
 
@@ -73,17 +72,12 @@ class LoRAEmbedding(MergeRecordState, nn.Module):  # record under deepcopy / in 
                              "not supported")
         if base.sparse:
             raise ValueError("LoRAEmbedding: nn.Embedding(sparse=True) is not supported (the gradients are dense)")
-        check_lora_settings("LoRAEmbedding", r, alpha, dropout)
+        init_lora_settings(self, "LoRAEmbedding", r, alpha, dropout, use_rslora, backend, merge_on_eval)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx = base.padding_idx
         self.scale_grad_by_freq = base.scale_grad_by_freq
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scale = lora_scale(alpha, r, use_rslora)
-        self.dropout = float(dropout)
-        self.backend = backend
-        self.merge_on_eval = merge_on_eval
         dt = lora_dtype or base.weight.dtype
         dev = base.weight.device
         self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, dtype=dt, device=dev))

@@ -15,13 +15,12 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import LoRAInputError, check_lora_settings
+from ._checks import LoRAInputError, init_lora_settings
 from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 from .functional import lora_linear, unmerge_
 from .named_adapters import NamedAdaptersMixin
 from .quant import is_quantized_base
 from .quant_modules import LoRAQuantLinear
-from .reference import lora_scale
 
 
 class LoRALinear(NamedAdaptersMixin, nn.Module):
@@ -78,7 +77,7 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         self.fan_in_fan_out = is_conv1d(base)
         if not isinstance(base, nn.Linear) and not self.fan_in_fan_out:
             raise TypeError(unsupported_base("LoRALinear", base))
-        check_lora_settings("LoRALinear", r, alpha, dropout)
+        init_lora_settings(self, "LoRALinear", r, alpha, dropout, use_rslora, backend, merge_on_eval)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base.weight.shape
         else:
@@ -86,11 +85,6 @@ class LoRALinear(NamedAdaptersMixin, nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scale = lora_scale(alpha, r, use_rslora)
-        self.dropout = float(dropout)
-        self.backend = backend
-        self.merge_on_eval = merge_on_eval
         dt = lora_dtype or base.weight.dtype
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dt, device=dev))

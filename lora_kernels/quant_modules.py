@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from . import quant as Q
-from ._checks import LoRAInputError, check_lora_settings
+from ._checks import LoRAInputError, init_lora_settings
 from .functional import quant_lora_linear
 from .ops.quant_linear import check_quant_weight
-from .reference import lora_scale
 
 __all__ = ["LoRAQuantLinear", "quant_weight_of_module", "peft_quant_forward"]
 
@@ -86,7 +85,7 @@ class LoRAQuantLinear(nn.Module):
                  backend: Optional[str] = None, merge_on_eval: bool = False,
                  lora_dtype: Optional[torch.dtype] = None, strategy: Optional[str] = None):
         super().__init__()
-        check_lora_settings("LoRAQuantLinear", r, alpha, dropout)
+        init_lora_settings(self, "LoRAQuantLinear", r, alpha, dropout, use_rslora, backend, False)
         if merge_on_eval:
             raise LoRAInputError(_merge_refusal("merge_on_eval=True"))
         if lora_dtype is not None and (not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point
@@ -96,12 +95,7 @@ class LoRAQuantLinear(nn.Module):
         self.base_layer = base
         base.weight.requires_grad_(False)
         self.out_features, self.in_features = qw.shape
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scale = lora_scale(alpha, r, use_rslora)
-        self.dropout = float(dropout)
-        self.backend = backend
         self.strategy = strategy
-        self.merge_on_eval = False
         cd = getattr(base, "compute_dtype", None)
         dt = lora_dtype or (cd if isinstance(cd, torch.dtype) else qw.dtype)
         dev = qw.device
