@@ -121,20 +121,38 @@ def test_non_contiguous_x_and_3d(backend):
     assert y3.shape == (3, 4, 9) and torch.equal(y3.reshape(12, 9), y2)
 
 
-def test_dropout_on_triton_runs_the_torch_backend_with_a_reason():
+def test_dropout_on_triton_runs_the_triton_backend_without_a_warning():
+    """dora_linear_dropout has Triton launchers (triton/dora.py): why_not is empty, the API keeps Triton, no warning,
+    and the result matches the torch backend (same seed, same mask; tests/test_dora_dropout_triton.py in depth)."""
     assert lora_kernels.ops.implements("dora_linear", "triton")
-    assert not lora_kernels.ops.implements("dora_linear_dropout", "triton")
+    assert lora_kernels.ops.implements("dora_linear_dropout", "triton")
     from lora_kernels._backend import why_not
 
     x, w, a, b, m, bias, dy = _make(9, 8, 7, 2, torch.float32)
-    assert why_not("triton", "dora_linear_dropout", [x, w]) == ["triton has no kernel for dora_linear_dropout"]
+    assert why_not("triton", "dora_linear_dropout", [x, w]) == []
     from lora_kernels import functional as F
+    from lora_kernels.ops import _registry
+    from lora_kernels.triton import dora as tdo
+
+    assert F._dora_backend(x, w, a, b, bias, 0.1, "triton") == "triton"
+    calls = []
+    orig = tdo.dora_dropout_fwd_triton
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return orig(*args, **kw)
 
     F._dora_warned.discard("triton")
-    with pytest.warns(RuntimeWarning, match="dora_linear_dropout"):
-        y_t = lora_kernels.lora_linear(x, w, a, b, SCALE, bias, dropout_p=0.1, seed=3, magnitude=m, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(_registry._resolved, ("dora_dropout_fwd", "triton"), spy)
+            y_t = lora_kernels.lora_linear(x, w, a, b, SCALE, bias, dropout_p=0.1, seed=3, magnitude=m,
+                                           backend="triton")
+    assert calls, "the Triton dropout launcher did not run"
+    assert "triton" not in F._dora_warned
     y_ref = lora_kernels.lora_linear(x, w, a, b, SCALE, bias, dropout_p=0.1, seed=3, magnitude=m, backend="torch")
-    assert torch.equal(y_t, y_ref)
+    assert_close_rel(y_t, y_ref, TOL[torch.float32], "y vs torch backend")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
