@@ -154,7 +154,8 @@ def lora_linear(
             norms, detached, rounded to x's dtype); with dropout PEFT applies W0 to the dropped x a second time:
             ``y = x·W0ᵀ + bias + (g−1)⊙(drop(x)·W0ᵀ) + g⊙scale·(drop(x)·Aᵀ)·Bᵀ`` (``reference.dora_linear_fwd_ref``).
             The norm is formed without the N×K update (``lora_kernels.dora.dora_weight_norm``). Gradients also flow
-            to magnitude. Backends: torch and Triton (dropout > 0: torch, see ``why_not(.., "dora_linear_dropout")``).
+            to magnitude. Backends: torch, Triton and CUDA (dropout > 0 on CUDA: torch, see
+            ``why_not("cuda", "dora_linear_dropout", ...)``).
         weight_sq: with magnitude, ``lora_kernels.dora.weight_row_sq_norm(weight)`` if the caller caches it
             (W0 frozen); computed here otherwise.
 

@@ -7,15 +7,19 @@ inputs) and the detached norm, both computed by the API (``functional.lora_linea
 
 Two public ops share the two schemas:
 
-* ``dora_linear`` (no dropout, or eval): y = g⊙(x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias; torch and Triton launchers (the
-  Triton backend puts g into the epilogue of lora_linear's fused GEMM, and onto dy in its backward).
-* ``dora_linear_dropout`` (dropout_p > 0, training): PEFT applies W0 a second time, to the dropped x; torch
-  launchers only (``why_not("triton", "dora_linear_dropout", ...)`` says so and the API then runs the torch backend).
+* ``dora_linear`` (no dropout, or eval): y = g⊙(x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias; torch, Triton and CUDA-extension
+  launchers (Triton puts g into the epilogue of lora_linear's fused GEMM and onto dy in its backward; the extension
+  applies g and bias in its expand kernel's DoRA epilogue, ``cuda/dora.py``).
+* ``dora_linear_dropout`` (dropout_p > 0, training): PEFT applies W0 a second time, to the dropped x; torch and
+  Triton launchers (Triton: ``_dora_dropout_gemm_kernel``, one pass over x and W0 with two accumulators). The CUDA
+  extension has none: ``why_not("cuda", "dora_linear_dropout", ...)`` says so and the API then runs the torch backend.
 
-Launchers: ``torch/dora.py``, ``triton/dora.py``.
+Launchers: ``torch/dora.py``, ``triton/dora.py``, ``cuda/dora.py``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -46,8 +50,12 @@ add_rows(
         ("dora_linear_bwd", "torch"): "lora_kernels.torch.dora:dora_linear_bwd_torch",
         ("dora_linear_fwd", "triton"): "lora_kernels.triton.dora:dora_linear_fwd_triton",
         ("dora_linear_bwd", "triton"): "lora_kernels.triton.dora:dora_linear_bwd_triton",
+        ("dora_linear_fwd", "cuda"): "lora_kernels.cuda.dora:dora_linear_fwd_cuda",
+        ("dora_linear_bwd", "cuda"): "lora_kernels.cuda.dora:dora_linear_bwd_cuda",
         ("dora_dropout_fwd", "torch"): "lora_kernels.torch.dora:dora_dropout_fwd_torch",
         ("dora_dropout_bwd", "torch"): "lora_kernels.torch.dora:dora_dropout_bwd_torch",
+        ("dora_dropout_fwd", "triton"): "lora_kernels.triton.dora:dora_dropout_fwd_triton",
+        ("dora_dropout_bwd", "triton"): "lora_kernels.triton.dora:dora_dropout_bwd_triton",
     },
     public={"dora_linear": ("dora_linear_fwd", "dora_linear_bwd"),
             "dora_linear_dropout": ("dora_dropout_fwd", "dora_dropout_bwd")},
@@ -69,10 +77,20 @@ def check_dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, magnitu
                  f"got {shape_str(magnitude)}")
     if magnitude.device != x.device:
         fail(OP, f"magnitude is on {magnitude.device} but x is on {x.device}")
-    if data_checks_enabled(magnitude) and not bool(torch.isfinite(magnitude.detach()).all()):
+    if data_checks_enabled(magnitude) and not _all_finite(magnitude.detach()):
         bad = int((~torch.isfinite(magnitude.detach())).sum())
         fail(OP, f"magnitude has {bad} non-finite value(s) (NaN or inf)")
     return scale
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of t is finite, with one op and one host read on the common path: a float64 sum of
+    16/32-bit values is finite iff they all are (it cannot overflow); otherwise, and on devices without float64
+    (MPS), ``isfinite`` decides."""
+    fast = t.dtype != torch.float64 and t.device.type in ("cpu", "cuda")
+    if fast and math.isfinite(float(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 # ----------------------------------------------------------------------------------------------
