@@ -13,12 +13,17 @@ Cells: M tokens × K = N, rank r, dtype, LoRA dropout p (PEFT's ``nn.Dropout`` v
 distribution, different masks). Reported: median ms per step over the rounds, and per-round ratios to ``peft_dora``
 (median, interquartile range).
 
+Model part (``--llama-rounds N``): one AdamW training step of a tiny Llama (hidden 128, 2 layers, DoRA r = 8 on the
+seven projections, batch 4 × 32) per sample: PEFT DoRA, PEFT DoRA after ``lora_kernels.peft.patch``, and
+``inject_lora(use_dora=True)``, interleaved; every layer's code runs as it does in a model (a single-layer loop
+times each call with its code and data cold).
+
 GPU part (only when CUDA is available; not run on a CPU-only machine): bf16, M = 8192, K = N = 4096, r = 16, the
 same four variants with ``backend="triton"``, CUDA-event timing (median of ``--gpu-iters`` steps after warm-up),
 plus ``dora`` ÷ ``base`` (issue 15's target: ≤ 1.15) and ``peft_dora`` ÷ ``dora`` (target ≥ 2).
 
     python benchmarks/bench_dora.py [--M 512] [--K 1024] [--r 16] [--dtype fp32] [--dropout 0,0.1] [--rounds 15]
-        [--md FILE] [--gpu-iters 50]
+        [--md FILE] [--gpu-iters 50] [--llama-rounds 31]
 """
 
 from __future__ import annotations
@@ -127,6 +132,79 @@ def _cell_line(cell) -> str:
     return "  ".join(parts)
 
 
+def _llama_dora_models(dropout: float, backend: str):
+    """Tiny Llama (hidden 128, 2 layers; lora_kernels.benchmarking.e2e's "llama-tiny") with DoRA on the seven
+    projections: PEFT DoRA, PEFT DoRA patched by ``lora_kernels.peft.patch``, and ``inject_lora(use_dora=True)``;
+    same W0, A, B (non-zero B) and magnitude (‖W0‖ per row, both libraries' init) everywhere."""
+    import copy
+
+    import lora_kernels
+    import lora_kernels.peft
+    from lora_kernels.benchmarking import e2e
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    base, cfg = e2e._build_base("llama-tiny", None, 32, "cpu", torch.float32)
+    _, _, _, r, alpha = e2e._PRESETS["llama-tiny"]
+    init = e2e._lora_init(base, r)
+    models = {}
+    for variant in ("peft_dora", "peft_dora+patch"):
+        m = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                           target_modules=e2e.TARGETS, use_dora=True))
+        with torch.no_grad():
+            for n, mod in m.named_modules():
+                if isinstance(mod, LoraLayer):
+                    a, b = init[n[len("base_model.model."):]]
+                    mod.lora_A["default"].weight.copy_(a)
+                    mod.lora_B["default"].weight.copy_(b)
+        if variant.endswith("+patch"):
+            lora_kernels.peft.patch(m, backend=backend, verbose=False)
+        models[variant] = m
+    m = copy.deepcopy(base)
+    lora_kernels.inject_lora(m, e2e.TARGETS, r=r, alpha=alpha, dropout=dropout, backend=backend, use_dora=True)
+    with torch.no_grad():
+        for n, mod in m.named_modules():
+            if isinstance(mod, lora_kernels.LoRALinear):
+                mod.lora_A.copy_(init[n][0])
+                mod.lora_B.copy_(init[n][1])
+    models["dora"] = m
+    return models, cfg
+
+
+def llama_cells(dropouts, rounds: int, batch: int = 4, seq: int = 32) -> List[dict]:
+    """One AdamW training step of the tiny Llama with DoRA adapters per sample (one thread, thread CPU time, variants
+    interleaved): every layer's Python and kernels run as in a model, not one layer in a loop."""
+    from lora_kernels.benchmarking import e2e
+
+    torch.set_num_threads(1)
+    out = []
+    for p in dropouts:
+        models, cfg = _llama_dora_models(p, "torch")
+        fns = {}
+        for name, m in models.items():
+            m.train()
+            opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
+            inputs = e2e._inputs("llama-tiny", cfg, batch, seq, "cpu", torch.float32, 0)
+
+            def step(m=m, opt=opt, inputs=inputs):
+                opt.zero_grad(set_to_none=True)
+                m(**inputs).loss.backward()
+                opt.step()
+
+            fns[name] = step
+        samples = interleaved(fns, rounds=rounds, warmup=2, target_s=0.0)
+        cell = {"model": "llama-tiny", "batch": batch, "seq": seq, "dropout": p, "samples_us": samples,
+                "median_ms": {k: statistics.median(v) / 1e3 for k, v in samples.items()},
+                "ratio_to_peft_dora": {k: _quartiles(paired_ratios(samples[k], samples["peft_dora"]))
+                                       for k in samples if k != "peft_dora"}}
+        med, rat = cell["median_ms"], cell["ratio_to_peft_dora"]
+        print(f"llama-tiny DoRA step p={p}: " + "  ".join(
+            f"{k} {med[k]:.2f} ms" + (f" ({rat[k][1]:.2f}x peft_dora, IQR {rat[k][0]:.2f}-{rat[k][2]:.2f})"
+                                      if k in rat else "") for k in med), flush=True)
+        out.append(cell)
+    return out
+
+
 def gpu_cells(iters: int) -> List[dict]:
     """bf16, M = 8192, K = N = 4096, r = 16 on the GPU (Triton backend), CUDA-event timing."""
     M, K, r = 8192, 4096, 16
@@ -160,7 +238,7 @@ def _git() -> str:
         return "?"
 
 
-def markdown(cells, gpu, argv) -> str:
+def markdown(cells, gpu, argv, llama=()) -> str:
     v = versions("peft", "transformers")
     lines = [f"# DoRA layer fwd+bwd: lora_kernels vs PEFT DoRA ({datetime.date.today()})", "",
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
@@ -176,6 +254,16 @@ def markdown(cells, gpu, argv) -> str:
                      f"{med['lora']:.2f} | {med['dora']:.2f} | {med['peft_dora']:.2f} | {mid:.2f} ({lo:.2f}–{hi:.2f}) | "
                      f"{med['dora'] / med['base']:.2f} |")
     lines.append("")
+    if llama:
+        lines += ["Tiny Llama (hidden 128, 2 layers, DoRA r = 8 on the seven projections, batch 4 × 32 tokens, one AdamW "
+                  "step per sample):", "",
+                  "| dropout | PEFT DoRA ms | PEFT DoRA + patch ms (÷ PEFT DoRA, IQR) | inject_lora(use_dora) ms (÷ PEFT DoRA, IQR) |",
+                  "|---|---|---|---|"]
+        for c in llama:
+            med, rat = c["median_ms"], c["ratio_to_peft_dora"]
+            cols = [f"{med[k]:.2f} ({rat[k][1]:.2f}, {rat[k][0]:.2f}–{rat[k][2]:.2f})" for k in ("peft_dora+patch", "dora")]
+            lines.append(f"| {c['dropout']} | {med['peft_dora']:.2f} | {cols[0]} | {cols[1]} |")
+        lines.append("")
     if gpu:
         for c in gpu:
             lines.append(f"GPU ({c['device']}), bf16 M={c['M']} K=N={c['K']} r={c['r']}: "
@@ -197,11 +285,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--gpu-iters", type=int, default=50)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--llama-rounds", type=int, default=0, help="also the tiny-Llama DoRA step, this many rounds")
     a = ap.parse_args(argv)
-    cells = cpu_cells([int(m) for m in a.M.split(",")], a.K, a.r, a.dtype, [float(p) for p in a.dropout.split(",")],
-                      a.rounds)
+    dropouts = [float(p) for p in a.dropout.split(",")]
+    cells = cpu_cells([int(m) for m in a.M.split(",")], a.K, a.r, a.dtype, dropouts, a.rounds)
+    llama = llama_cells(dropouts, a.llama_rounds) if a.llama_rounds > 0 else []
     gpu = gpu_cells(a.gpu_iters) if torch.cuda.is_available() else []
-    md = markdown(cells, gpu, argv)
+    md = markdown(cells, gpu, argv, llama)
     print(md)
     if a.md:
         with open(a.md, "w") as f:

@@ -99,10 +99,18 @@ def dora_weight_norm(
     Args: weight W0 [N, K]; lora_a A [r, K]; lora_b B [N, r]; scale s; weight_sq: ``weight_row_sq_norm(W0)``
     if cached. Never allocates an N×K tensor (16-bit weights are upcast ``ROW_BLOCK_BYTES`` at a time)."""
     s = _check(weight, lora_a, lora_b, scale, "dora_weight_norm")
-    N, K = weight.shape
-    acc = _acc(weight.dtype)
+    N = weight.shape[0]
     if weight_sq is not None and tuple(weight_sq.shape) != (N,):
         raise LoRAInputError(f"dora_weight_norm: weight_sq must be [{N}], got {tuple(weight_sq.shape)}")
+    return row_norm(weight, lora_a, lora_b, s, weight_sq)
+
+
+def row_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, s: float,
+             weight_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`dora_weight_norm` on inputs already validated (``lora_linear`` checks them first), s a float; the
+    caller runs it under ``torch.no_grad()``."""
+    N, K = weight.shape
+    acc = _acc(weight.dtype)
     a = lora_a.to(acc)
     b = lora_b.to(acc)
     if N * K <= SMALL_DIRECT_ELEMENTS:

@@ -256,7 +256,7 @@ def _dora_backend(x, weight, lora_a, lora_b, bias, dropout_p, backend) -> str:
 
 
 def _dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backend, magnitude, weight_sq):
-    from .dora import dora_weight_norm
+    from .dora import row_norm
     from .ops import dora as _dora_check
 
     ac = _autocast_device(x)
@@ -271,8 +271,9 @@ def _dora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, backen
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         # PEFT forms the norm in x's dtype: round it there (a no-op for fp32), then g in fp32 (fp64)
-        norm = dora_weight_norm(weight.detach(), lora_a.detach(), lora_b.detach(), scale, weight_sq=weight_sq)
-        norm = norm.to(x.dtype).to(acc)
+        norm = row_norm(weight.detach(), lora_a.detach(), lora_b.detach(), scale, weight_sq)
+        if x.dtype != acc:
+            norm = norm.to(x.dtype).to(acc)
         g = magnitude.detach().to(acc) / norm
     args = (x, weight, lora_a, lora_b, magnitude, scale, bias, g, norm, dropout_p, seed, be)
     if ac is not None:
