@@ -44,6 +44,18 @@ def dropout_args(dropout_p: float, seed: int):
 
 
 @triton.jit
+def grouped_pid(pid, num_rows, num_cols, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles sweep the column tiles
+    together, so a column tile of the right-hand operand (a weight) stays in L2 while those row tiles read it."""
+    num_pid_in_group = GROUP_M * num_cols
+    first = (pid // num_pid_in_group) * GROUP_M
+    group_size = tl.minimum(num_rows - first, GROUP_M)
+    row = first + (pid % num_pid_in_group) % group_size
+    col = (pid % num_pid_in_group) // group_size
+    return row, col
+
+
+@triton.jit
 def _mix32(h):
     # lowbias32 finaliser; h is uint32, so the multiplications wrap modulo 2^32 like the reference's masks.
     h = h ^ (h >> 16)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from . import lora_linear as tll
-from ._common import autotune_configs, dropout_args, keep_mask
+from ._common import autotune_configs, dropout_args, grouped_pid, keep_mask
 
 __all__ = [
     "dora_linear_fwd_triton", "dora_linear_bwd_triton", "dora_dropout_fwd_triton", "dora_dropout_bwd_triton",
@@ -165,16 +165,7 @@ def _dora_dropout_gemm_kernel(
     #   L = dxa fp32 [M, r], Rt = A [r, K_layer], g indexed by the GEMM's K): Aop2 = dy⊙(g−1),
     #   dx = acc + keep⊙keep_scale·(acc2 + L·Rt), the mask regenerated at (m, n) in the epilogue.
     # Reads Aop and Bop once per tile pair, L or SA, Rt, g, bias; writes C (and xa, ypre).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row tiles sweep the column tiles together so Bop tiles stay in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_configs, dropout_args, keep_mask
+from ._common import INTERPRET, autotune_configs, dropout_args, grouped_pid, keep_mask
 
 __all__ = ["lora_linear_fwd_triton", "lora_linear_bwd_triton"]
 
@@ -256,16 +256,7 @@ def _lora_gemm_kernel(
     # COL_SCALE (forward): C = g[n]·(Aop·Bop + l_scale·L·Rt)[m, n] + bias[n], and SAVE_PRE stores the un-scaled sum
     # (ypre, C's dtype and strides) to pre_ptr first. AOP_SCALE (backward dx): every Aop tile is read as dy⊙g,
     # g indexed by the GEMM's K (N of the layer), so dx, the fused dxa and dB all see dy' = dy⊙g.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row tiles sweep the column tiles together so Bop tiles stay in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from .._checks import LoRAInputError
 from ..ops.moe_lora import MoERouting, pick_block_m
-from ._common import INTERPRET, autotune_configs
+from ._common import INTERPRET, autotune_configs, grouped_pid
 from .lora_linear import _input_precision
 
 __all__ = ["moe_lora_fwd_triton", "moe_lora_bwd_triton", "add_moe_lora_triton", "MAX_RANK"]
@@ -118,19 +118,6 @@ _SPLIT_ALIGN = max(c.kwargs["BLOCK_N"] for c in DELTA_CONFIGS)  # the serving ke
 
 
 @triton.jit
-def _grouped_pid(pid, num_tiles, num_cols, GROUP_M: tl.constexpr):
-    """(tile slot, column block) of program ``pid``: GROUP_M tile slots sweep the column blocks together, so a weight
-    column block stays in L2 while the tiles of one expert (adjacent slots) read it."""
-    num_pid_in_group = GROUP_M * num_cols
-    group_id = pid // num_pid_in_group
-    first = group_id * GROUP_M
-    group_size = tl.minimum(num_tiles - first, GROUP_M)
-    tile = first + (pid % num_pid_in_group) % group_size
-    col = (pid % num_pid_in_group) // group_size
-    return tile, col
-
-
-@triton.jit
 def _tile_rows(sorted_ptr, tiles_ptr, stride_tiles, tile, BLOCK_M: tl.constexpr):
     """(group, pair indices [BLOCK_M] int64, row mask) of tile slot ``tile`` (group -1: unused slot)."""
     g = tl.load(tiles_ptr + tile)
@@ -167,7 +154,7 @@ def _moe_fwd_kernel(
     # to its token's row t = p // k instead (a tile of pairs without an expert adds nothing).
     pid = tl.program_id(0)
     num_cols = tl.cdiv(N, BLOCK_N)
-    tile, pid_n = _grouped_pid(pid, NUM_TILES, num_cols, GROUP_M)
+    tile, pid_n = grouped_pid(pid, NUM_TILES, num_cols, GROUP_M)
     e, pair, m_ok = _tile_rows(sorted_ptr, tiles_ptr, stride_tiles, tile, BLOCK_M)
     if e < 0:
         return
@@ -296,7 +283,7 @@ def _moe_bwd_kernel(
         num_kb = tl.cdiv(K, BLOCK_K)
     else:
         num_kb = 1  # dB only: one program per tile
-    tile, pid_k = _grouped_pid(pid, NUM_TILES, num_kb, GROUP_M)
+    tile, pid_k = grouped_pid(pid, NUM_TILES, num_kb, GROUP_M)
     e, pair, m_ok = _tile_rows(sorted_ptr, tiles_ptr, stride_tiles, tile, BLOCK_M)
     if e < 0:
         return

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import quant as Q
-from ._common import INTERPRET, autotune_configs, dropout_args, keep_mask
+from ._common import INTERPRET, autotune_configs, dropout_args, grouped_pid, keep_mask
 from .lora_linear import (
     _block_r,
     _device_ctx,
@@ -186,15 +186,7 @@ def _quant_gemm_kernel(
     #   forward (W_T):  Aop = x [M, K],  Wop[k, n] = W̃[n, k], C = y [M, N],  L = xa, Rt = Bᵀ (no mask)
     #   dx (not W_T):   Aop = dy [M, N], Wop[n, k] = W̃[n, k], C = dx [M, K], L = dxa, Rt = A, mask at (m, k)
     # Reads Aop, the quantised W0 (q, scales, code), L [M, r] fp32, Rt [r, NC], bias; writes C.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(NC, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
