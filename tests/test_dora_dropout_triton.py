@@ -13,6 +13,7 @@ import torch
 from conftest import TOL, assert_close_rel, assert_fa_rule, poison_
 import lora_kernels
 from lora_kernels import reference as ref
+from test_dora import SCALE as _DORA_SCALE, _make  # x, W0, A, B, m (g ≠ 1), bias, dy
 
 
 @pytest.fixture(autouse=True)
@@ -24,23 +25,7 @@ def _poison_outputs(monkeypatch):
 
 
 SCALE = 1.5
-
-
-def _make(M, K, N, r, dtype, seed=0, bias=True):
-    """x, W0, A, B (non-zero), m (≠ the norm: g ≠ 1), bias, dy; float64 values rounded through dtype."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-    x = rnd(M, K)
-    w = rnd(N, K, scale=K ** -0.5)
-    a = rnd(r, K, scale=K ** -0.5)
-    b = rnd(N, r, scale=0.5)
-    m = (ref.dora_weight_norm_ref(w, a, b, SCALE) * (0.5 + torch.rand(N, generator=g, dtype=torch.float64))).to(dtype)
-    bias = rnd(N) if bias else None
-    dy = rnd(M, N)
-    return x, w, a, b, m, bias, dy
+assert SCALE == _DORA_SCALE  # _make draws m from the norm at this scale
 
 
 def _run(x, w, a, b, m, bias, dy, p, seed, backend, *, train_m=True, train_w=False, train_x=True, train_ab=True,
