@@ -110,6 +110,36 @@ def gpu_devices():
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def emu():
+    """The CUDA extension built for the CPU emulator (tests/cuda_emu/build.py) and loaded in this process; skips
+    with LORA_KERNELS_SKIP_EMULATOR=1 or where the emulator cannot be built."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import build as emu_build
+
+    if os.environ.get("LORA_KERNELS_SKIP_EMULATOR") == "1":
+        pytest.skip("LORA_KERNELS_SKIP_EMULATOR=1")
+    try:
+        return emu_build.load()
+    except emu_build.EmulatorUnavailable as e:
+        pytest.skip(f"CUDA emulator unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The CUDA extension's GPU build, loaded (skips without a CUDA GPU; on one, a failed load is an error)."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    import lora_kernels as lk
+
+    ok = lk.load_extension()
+    assert ok, f"the CUDA extension did not load on a GPU machine: {lk._ext.load_failure_reason()}"
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -16,10 +16,6 @@ The build takes ~2 minutes on 2 cores the first time (cached in the temp dir by 
 Set LORA_KERNELS_SKIP_EMULATOR=1 to skip this module.
 """
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import cuda_ext_cases as cases
@@ -31,21 +27,14 @@ from lora_kernels.cuda import merge as cuda_merge
 from lora_kernels.cuda import multi_lora as cuda_multi_lora
 from lora_kernels.ops.merge import BITS_DTYPE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import build as emu_build  # noqa: E402
 
 ops = torch.ops.lora_kernels
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def emu():
-    if os.environ.get("LORA_KERNELS_SKIP_EMULATOR") == "1":
-        pytest.skip("LORA_KERNELS_SKIP_EMULATOR=1")
-    try:
-        return emu_build.load()
-    except emu_build.EmulatorUnavailable as e:
-        pytest.skip(f"CUDA emulator unavailable: {e}")
+def _emulated_extension(emu):
+    """Every test here runs against the emulated extension (conftest.emu)."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import cuda_ext_cases as cases
-from conftest import HAS_CUDA, TOL, assert_close_rel
+from conftest import TOL, assert_close_rel
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
@@ -236,13 +236,6 @@ def test_dropout_host_code_matches_reference(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ext():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    ok = lk.load_extension()
-    assert ok, f"the CUDA extension did not load on a GPU machine: {lk._ext.load_failure_reason()}"
-    return True
 
 
 @pytest.mark.gpu

@@ -574,8 +574,6 @@ def test_triton_traffic_vs_plain_lora():
     """fp16, M=256, K=N=512, r=16, the first GPU config of every kernel. Forward: plain LoRA's bytes + the ypre store
     + g, each once (x and W0 still read once). Backward: dy is read twice (the dy kernel, which also forms dm from
     ypre, and the dx GEMM; plain LoRA's fused backward reads it once), ypre once."""
-    import contextlib
-
     import traffic as T
     from lora_kernels.triton import dora as tdo
     from lora_kernels.triton import lora_linear as tll
@@ -586,10 +584,7 @@ def test_triton_traffic_vs_plain_lora():
     c = T.linear_case(256, 512, 512, 16)
     g = torch.rand(512) + 0.5
     norm = torch.rand(512) + 1.0
-    with contextlib.ExitStack() as st:
-        st.enter_context(T.gpu_programs())
-        for k, v in cfg.items():
-            st.enter_context(T.force_config(k, v))
+    with T.gpu_launches(cfg):
         with T.Traffic(x=c["x"], weight=c["w"], lora_a=c["a"], lora_b=c["b"], g=g) as fwd:
             y, xa, yp = tdo.dora_linear_fwd_triton(c["x"], c["w"], c["a"], c["b"], 0.5, None, g, True)
             fwd.operands.update(y=y, xa=xa, ypre=yp)

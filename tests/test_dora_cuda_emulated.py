@@ -19,13 +19,9 @@ launchers' own torch-allocated buffers (the save_pre y, dy⊙g) are NaN-poisoned
 Set LORA_KERNELS_SKIP_EMULATOR=1 to skip the emulated tests.
 """
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL, assert_close_rel, assert_fa_rule, poison_
+from conftest import TOL, assert_close_rel, assert_fa_rule, poison_
 
 import lora_kernels as lk
 from lora_kernels import _backend
@@ -35,8 +31,6 @@ from lora_kernels.cuda import dora as cuda_dora
 from lora_kernels.ops import _registry
 from lora_kernels.ops import dora as opd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import build as emu_build  # noqa: E402
 
 ops = torch.ops.lora_kernels
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -45,14 +39,6 @@ ALL5 = (True, True, True, True, True)
 NAMES5 = ("dx", "dA", "dB", "dm", "dW0")
 
 
-@pytest.fixture(scope="module")
-def emu():
-    if os.environ.get("LORA_KERNELS_SKIP_EMULATOR") == "1":
-        pytest.skip("LORA_KERNELS_SKIP_EMULATOR=1")
-    try:
-        return emu_build.load()
-    except emu_build.EmulatorUnavailable as e:
-        pytest.skip(f"CUDA emulator unavailable: {e}")
 
 
 @pytest.fixture(autouse=True)
@@ -401,13 +387,6 @@ def test_api_dropout_runs_the_torch_backend_with_a_warning(api_on_emulator, monk
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ext():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    ok = lk.load_extension()
-    assert ok, f"the CUDA extension did not load on a GPU machine: {lk._ext.load_failure_reason()}"
-    return True
 
 
 @pytest.mark.gpu

@@ -245,8 +245,6 @@ def test_triton_traffic():
     read once by the one GEMM launch: uniq/floor 1.00; plain LoRA with dropout, which keeps a separate shrink: 1.24).
     Backward: dy read twice (the dy kernel, which also forms dm from ypre, and the dx GEMM), x, W0 and ypre once
     (measured uniq/floor 1.28; plain LoRA with dropout: 1.34)."""
-    import contextlib
-
     import traffic as T
     from lora_kernels.triton import dora as tdo
     from lora_kernels.triton import lora_linear as tll
@@ -256,10 +254,7 @@ def test_triton_traffic():
     c = T.linear_case(256, 512, 512, 16)
     g = torch.rand(512) + 0.5
     norm = torch.rand(512) + 1.0
-    with contextlib.ExitStack() as st:
-        st.enter_context(T.gpu_programs())
-        for k, v in cfg.items():
-            st.enter_context(T.force_config(k, v))
+    with T.gpu_launches(cfg):
         with T.Traffic(x=c["x"], weight=c["w"], lora_a=c["a"], lora_b=c["b"], g=g) as fwd:
             y, xa, yp = tdo.dora_dropout_fwd_triton(c["x"], c["w"], c["a"], c["b"], 0.5, None, g, 0.1, 7, True)
             fwd.operands.update(y=y, xa=xa, ypre=yp)

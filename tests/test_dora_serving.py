@@ -650,8 +650,6 @@ def test_peft_dora_file_loads_into_loralinear_and_back(tmp_path):
 def test_add_lora_dora_triton_traffic():
     """The DoRA epilogue reads each used adapter's g row once (decode: tokens of distinct adapters; prefill: one read
     per tile) and moves nothing else extra; counted exactly under the interpreter with the GPU configs."""
-    import contextlib
-
     traffic = pytest.importorskip("traffic")
     if not traffic.interpreting():
         pytest.skip("counts bytes under TRITON_INTERPRET=1")
@@ -671,10 +669,7 @@ def test_add_lora_dora_triton_traffic():
             tracked = dict(y=y, x=c["x"], A=c["A"], B=c["B"], ids=c["ids"], scales=c["scales"], **kw)
             if dora:
                 tracked = dict(tracked, g=tracked.pop("magnitudes"))
-            with contextlib.ExitStack() as st:
-                st.enter_context(traffic.gpu_programs())
-                for k, cf in cfgs.items():
-                    st.enter_context(traffic.force_config(k, cf))
+            with traffic.gpu_launches(cfgs):
                 with traffic.Traffic(**tracked) as tr:
                     tml.add_lora_triton(y, c["x"], [c["A"]], [c["B"]], c["ids"], c["scales"], None, groups=meta,
                                         strategy=strategy, **kw)

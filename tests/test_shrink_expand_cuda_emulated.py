@@ -10,10 +10,6 @@ validation in front of them is the same for every backend and is tested in tests
 Skipped without g++ / CUDA headers, or with LORA_KERNELS_SKIP_EMULATOR=1.
 """
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import TOL, assert_close_rel
@@ -21,21 +17,14 @@ from test_shrink_expand import check_expand, make_ids, make_ranks, padded_stack,
 
 from lora_kernels import reference as ref
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import build as emu_build  # noqa: E402
 
 ops = torch.ops.lora_kernels
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def emu():
-    if os.environ.get("LORA_KERNELS_SKIP_EMULATOR") == "1":
-        pytest.skip("LORA_KERNELS_SKIP_EMULATOR=1")
-    try:
-        return emu_build.load()
-    except emu_build.EmulatorUnavailable as e:
-        pytest.skip(f"CUDA emulator unavailable: {e}")
+def _emulated_extension(emu):
+    """Every test here runs against the emulated extension (conftest.emu)."""
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -222,6 +222,17 @@ def gpu_programs(sms: int = H100_SMS):
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def gpu_launches(kernel_configs=None):
+    """:func:`gpu_programs` plus :func:`force_config` for each ``{kernel: triton.Config}``: launches sized and tiled as
+    on an H100."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(gpu_programs())
+        for kern, cfg in (kernel_configs or {}).items():
+            stack.enter_context(force_config(kern, cfg))
+        yield
+
+
 def _rand(*shape, dtype=torch.float16, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).to(dtype)
@@ -246,10 +257,7 @@ def measure_add_lora(case, strategy, kernel_configs=None):
     c = case
     groups = LoRABatchMeta(c["ids"], c["A"].shape[0]).groups if strategy == "sgmv" else None
     y = c["y"].clone()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(gpu_programs())
-        for kern, cfg in (kernel_configs or {}).items():
-            stack.enter_context(force_config(kern, cfg))
+    with gpu_launches(kernel_configs):
         with Traffic(y=y, x=c["x"], A=c["A"], B=c["B"], ids=c["ids"], scales=c["scales"]) as tr:
             tml.add_lora_triton(y, c["x"], [c["A"]], [c["B"]], c["ids"], c["scales"], None, groups=groups,
                                 strategy=strategy)
@@ -266,10 +274,7 @@ def measure_lora_linear(case, kernel_configs=None, dropout_p=0.0, backward=False
     from lora_kernels.triton import lora_linear as tll
 
     c = case
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(gpu_programs())
-        for kern, cfg in (kernel_configs or {}).items():
-            stack.enter_context(force_config(kern, cfg))
+    with gpu_launches(kernel_configs):
         if not backward:
             with Traffic(x=c["x"], weight=c["w"], lora_a=c["a"], lora_b=c["b"]) as tr:
                 y, xa = tll.lora_linear_fwd_triton(c["x"], c["w"], c["a"], c["b"], 0.5, None, dropout_p, 7)
